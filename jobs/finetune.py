@@ -1,0 +1,14 @@
+"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/finetune.py --config configs/finetune/<name>.yaml ...`.
+
+Thin on purpose: parse the command line, call the library (the same code as `sentiment-ray finetune`).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir holds the package
+
+from sentiment_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -1,0 +1,67 @@
+"""Unsloth's FastLanguageModel (4-bit QLoRA, fused kernels): GPU only, imported only when chosen."""
+
+from __future__ import annotations
+
+from sentiment_ray.config import LoraSettings, ModelConfig
+
+
+def _fast_language_model():
+    try:
+        import unsloth  # noqa: F401  (must come before transformers/peft/trl are used, to patch them)
+        from unsloth import FastLanguageModel
+    except Exception as exc:  # unsloth raises NotImplementedError/ImportError without an NVIDIA GPU
+        raise RuntimeError(
+            f"the unsloth backend needs an NVIDIA GPU and `pip install 'sentiment_ray[gpu]'` ({type(exc).__name__}: "
+            f"{exc}); use model.backend=hf on CPU"
+        ) from exc
+    return FastLanguageModel
+
+
+def _dtype(model: ModelConfig):
+    from sentiment_ray.backends import torch_dtype
+
+    return None if model.dtype == "auto" else torch_dtype(model.dtype)  # None lets Unsloth pick bf16/fp16
+
+
+def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int, gradient_checkpointing: bool, seed: int):
+    from sentiment_ray.backends import resolve_model_path
+
+    fast = _fast_language_model()
+    base, tokenizer = fast.from_pretrained(
+        model_name=resolve_model_path(model.name_or_path),
+        max_seq_length=max_length,
+        dtype=_dtype(model),
+        load_in_4bit=model.load_in_4bit,
+        trust_remote_code=model.trust_remote_code,
+    )
+    peft_model = fast.get_peft_model(
+        base,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        random_state=seed,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return peft_model, tokenizer
+
+
+def load_for_scoring(model: ModelConfig, base_path: str, adapter_dir: str | None, *, max_length: int):
+    from peft import PeftModel
+
+    fast = _fast_language_model()
+    base, tokenizer = fast.from_pretrained(
+        model_name=base_path,
+        max_seq_length=max_length,
+        dtype=_dtype(model),
+        load_in_4bit=model.load_in_4bit,
+        trust_remote_code=model.trust_remote_code,
+    )
+    loaded = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False) if adapter_dir else base
+    fast.for_inference(loaded)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded, tokenizer

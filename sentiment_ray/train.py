@@ -1,0 +1,225 @@
+"""The finetune job: a Ray Train `TorchTrainer` whose worker runs TRL's `SFTTrainer` with a LoRA adapter.
+
+The driver loads and checks the data, resolves the model, and starts one worker with the resources from the
+config; the worker tokenizes with the shared `PromptEncoder`, trains on the completion (the label token) only,
+and reports the adapter folder as a Ray Train checkpoint, which the driver copies to `output_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from sentiment_ray.config import FinetuneConfig, _build
+from sentiment_ray.data import load_labeled_hf, load_labeled_parquet, fingerprint
+from sentiment_ray.outputs import check_output_free, commit, staging_dir
+
+
+def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]:
+    data = cfg.data
+    if data.train.startswith("hf:"):
+        texts, labels = load_labeled_hf(data.train[3:], data.hf_split, data.text_column, data.label_column)
+        files = []
+    else:
+        texts, labels, files = load_labeled_parquet(data.train, data.text_column, data.label_column)
+    order = list(range(len(texts)))
+    random.Random(data.shuffle_seed).shuffle(order)
+    if data.limit:
+        order = order[: data.limit]
+    texts = [texts[i] for i in order]
+    labels = [labels[i] for i in order]
+    info = {
+        "source": data.train,
+        "files": files,
+        "rows": len(texts),
+        "positives": sum(labels),
+        "fingerprint": fingerprint(texts, labels),
+        "text_column": data.text_column,
+        "label_column": data.label_column,
+        "shuffle_seed": data.shuffle_seed,
+        "limit": data.limit,
+    }
+    return texts, labels, info
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+
+def _report_callback():
+    from transformers import TrainerCallback
+
+    class RayTrainMetricsCallback(TrainerCallback):
+        """Forwards the Trainer's logged losses to Ray Train (metrics only; the adapter is reported at the end)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            import ray.train
+
+            if logs:
+                metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+                ray.train.report({**metrics, "step": state.global_step})
+
+    return RayTrainMetricsCallback()
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train worker entry point: build model and data, run SFTTrainer, report the adapter."""
+    from sentiment_ray import backends
+
+    cfg: FinetuneConfig = _build(FinetuneConfig, loop_config["config"])
+    backend_name = backends.resolve_backend(cfg.model.backend)  # here, on the worker that has (or lacks) the GPU
+    if backend_name == "unsloth":
+        from sentiment_ray.backends.unsloth_backend import _fast_language_model
+
+        _fast_language_model()  # import unsloth before transformers/trl so its patches apply
+    import ray.train
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from sentiment_ray import trl_cpu_fallback
+    from sentiment_ray.metadata import AdapterMetadata
+    from sentiment_ray.prompt import PromptEncoder
+
+    on_gpu = torch.cuda.is_available() and cfg.ray.use_gpu
+    if not on_gpu:
+        torch.set_num_threads(cfg.train.torch_threads or cfg.ray.cpus_per_worker)
+    trl_cpu_fallback.install()
+
+    model, tokenizer, backend = backends.load_for_training(
+        dataclasses.replace(cfg.model, backend=backend_name),
+        cfg.lora,
+        max_length=cfg.prompt.max_length,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        seed=cfg.train.seed,
+    )
+    encoder = PromptEncoder(cfg.prompt, tokenizer)
+    prompts = encoder.encode_prompts(encoder.clean_texts(loop_config["texts"]))
+    examples = [encoder.encode_example(p.input_ids, y) for p, y in zip(prompts, loop_config["labels"])]
+    dataset = Dataset.from_dict({
+        "input_ids": [e["input_ids"] for e in examples],
+        "completion_mask": [e["completion_mask"] for e in examples],
+    })
+    bf16 = on_gpu and backends.torch_dtype(cfg.model.dtype) == torch.bfloat16
+    work_dir = tempfile.mkdtemp(prefix="sentiment-ray-train-")
+    args = SFTConfig(
+        output_dir=work_dir,
+        per_device_train_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.learning_rate,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        weight_decay=cfg.train.weight_decay,
+        optim=cfg.train.optim,
+        logging_steps=cfg.train.logging_steps,
+        seed=cfg.train.seed,
+        max_length=cfg.prompt.max_length,  # prompts are clipped to fit already; TRL's cut never triggers
+        completion_only_loss=True,
+        gradient_checkpointing=cfg.train.gradient_checkpointing and backend == "hf",
+        bf16=bf16,
+        use_cpu=not on_gpu,
+        save_strategy="no",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[_report_callback()],
+    )
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    tokens = trainer.state.num_input_tokens_seen
+    metrics = {
+        "train_loss": float(output.training_loss),
+        "steps": int(trainer.state.global_step),
+        "train_seconds": round(seconds, 3),
+        "non_padding_tokens": int(tokens),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "truncated_fraction": round(sum(p.truncated for p in prompts) / max(1, len(prompts)), 4),
+    }
+    if on_gpu:
+        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+    adapter_dir = Path(work_dir) / "adapter"
+    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(adapter_dir)
+    AdapterMetadata(
+        base_model=cfg.model.name_or_path,
+        backend=backend,
+        prompt=cfg.prompt,
+        label_token_ids=list(encoder.label_token_ids),
+        lora=dataclasses.asdict(cfg.lora),
+        data=loop_config["data_info"],
+        training={**dataclasses.asdict(cfg.train), "model": dataclasses.asdict(cfg.model)},
+        metrics=metrics,
+    ).write(adapter_dir)
+    ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(adapter_dir))
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Train an adapter on a Ray cluster (started locally when none is running); returns its metadata dict."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sentiment_ray import backends
+    from sentiment_ray.metadata import read_metadata
+    from sentiment_ray.ray_cluster import ensure_ray
+
+    final = check_output_free(cfg.output_dir, cfg.overwrite)
+    texts, labels, data_info = load_training_rows(cfg)
+    print(f"[finetune] {len(texts)} training rows from {cfg.data.train} (fingerprint {data_info['fingerprint']})", flush=True)
+    # Resolved on the driver: relative paths break in workers, and the embedded model is built once here.
+    model = dataclasses.replace(cfg.model, name_or_path=backends.resolve_model_path(cfg.model.name_or_path))
+    cfg = dataclasses.replace(cfg, model=model)
+
+    ensure_ray(cfg.ray)
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    storage = cfg.ray.storage_path
+    if storage and "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": dataclasses.asdict(cfg),
+            "texts": texts,
+            "labels": labels,
+            "data_info": data_info,
+        },
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.ray.run_name or f"sentiment-ray-finetune-{int(time.time())}", storage_path=storage),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("the training worker finished without reporting an adapter checkpoint")
+
+    staging = staging_dir(final)
+    result.checkpoint.to_directory(str(staging))
+    commit(staging, final, cfg.overwrite)
+    metadata = read_metadata(final)
+    wall = time.perf_counter() - started
+    print(
+        f"[finetune] adapter written to {final}: {metadata.metrics['steps']} steps, "
+        f"loss {metadata.metrics['train_loss']:.4f}, {wall:.1f} s wall (Ray Train included)",
+        flush=True,
+    )
+    return {**metadata.to_dict(), "adapter_dir": str(final), "wall_seconds": round(wall, 2)}

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from sentiment_ray.config import ConfigError, FinetuneConfig, ScoreConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_finetune_config_loads(path):
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.output_dir and cfg.data.train
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "score").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_score_config_loads(path):
+    cfg = load_config(ScoreConfig, path, ["input=x.parquet", "output=out"])
+    assert cfg.batch_size > 0
+
+
+def test_reference_config_is_the_seed_setup():
+    cfg = load_config(FinetuneConfig, CONFIGS / "finetune" / "mistral7b_qlora_gpu.yaml")
+    assert cfg.model.name_or_path == "unsloth/mistral-7b-v0.3-bnb-4bit"
+    assert cfg.model.load_in_4bit and cfg.ray.use_gpu and cfg.lora.r == 16
+    assert sorted(cfg.lora.target_modules) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(FinetuneConfig, CONFIGS / "finetune" / "tiny_test.yaml",
+                      ["train.epochs=3", "lora.target_modules=[q_proj, v_proj]", "prompt.max_length=100"])
+    assert cfg.train.epochs == 3.0 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.prompt.max_length == 100
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("yaml_text, overrides, message", [
+    ("output_dir: a\ndata: {train: x}\ntrain: {epochz: 1}\n", [], r"c\.yaml: unknown key train\.'epochz'"),
+    ("output_dir: a\ndata: {train: x}\ntrain: {batch_size: many}\n", [], r"train\.batch_size must be an integer"),
+    ("output_dir: a\ndata: {train: x}\ntrain: {batch_size: 0}\n", [], r"train\.batch_size must be > 0"),
+    ("output_dir: a\n", [], r"data\.train is required"),
+    ("output_dir: a\ndata: {train: x}\nmodel: {backend: tpu}\n", [], r"model\.backend must be one of"),
+    ("output_dir: a\ndata: {train: x}\n", ["prompt.template=no slot"], r"exactly once"),
+    ("output_dir: a\ndata: {train: x}\n", ["train.epochs"], r"section\.key=value"),
+    ("- a list\n", [], r"top level must be a mapping"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, yaml_text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(FinetuneConfig, _write(tmp_path, yaml_text), overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(FinetuneConfig, "nope.yaml")
+
+
+def test_score_model_section_defaults_to_the_adapters_base():
+    """A YAML `model:` section that sets only dtype must not swap the adapter's base for another model."""
+    cfg = load_config(ScoreConfig, None, ["input=x", "output=y", "model.dtype=float32"])
+    assert cfg.model.name_or_path == "" and cfg.model.dtype == "float32"

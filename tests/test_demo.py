@@ -1,0 +1,25 @@
+"""The demo's real path at a tiny size: SmolLM2 from the PyPI wheel (checksum, GGUF conversion), local Ray,
+zero-shot scoring, finetune, scoring with the adapter, evaluation."""
+
+import json
+
+import pytest
+
+from sentiment_ray.demo import run_demo
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_demo_end_to_end_small(ray_session, tmp_path, capsys):
+    summary = run_demo(tmp_path / "demo", train_rows=16, eval_rows=24)
+    out = capsys.readouterr().out
+    assert "zero-shot" in out and "finetuned" in out
+    for phase in ("zero_shot", "finetuned"):
+        assert 0.0 <= summary[phase]["accuracy"] <= 1.0 and summary[phase]["rows_per_second"] > 0
+    run_dir = tmp_path / "demo" / summary["run_dir"].split("/")[-1]
+    assert json.loads((run_dir / "summary.json").read_text())["eval_rows"] == 24
+    assert (run_dir / "finetuned" / "metrics.json").exists() and (run_dir / "adapter" / "sentiment_ray.json").exists()
+    # SmolLM2's real BPE: the label words are single tokens and the adapter recorded them.
+    meta = json.loads((run_dir / "adapter" / "sentiment_ray.json").read_text())
+    assert meta["label_token_ids"] == [3524, 2731]  # " negative", " positive"
+    assert meta["data"]["rows"] == 16 and meta["metrics"]["steps"] == 2

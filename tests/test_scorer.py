@@ -1,0 +1,75 @@
+import dataclasses
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sentiment_ray.config import ModelConfig
+from sentiment_ray.metadata import AdapterError
+from sentiment_ray.prompt import PromptEncoder, PromptSpec
+from sentiment_ray.scorer import STATUS_EMPTY, STATUS_OK, SentimentScorer
+
+from tests.conftest import RANDOM_ADAPTER_SPEC as SPEC
+
+TEXTS = ["great superb film", "dull.", "the plot was really tedious and the actors awful " * 6, "a",
+         "Charming<br />moving story"]
+
+
+def _direct_probability(model, encoder, text):
+    """The reference: a plain full forward of base+adapter over one unpadded prompt."""
+    (prompt,) = encoder.encode_prompts(encoder.clean_texts([text]))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt.input_ids])).logits[0, -1]
+    return torch.softmax(logits[list(encoder.label_token_ids)].double(), -1)[1].item()
+
+
+def test_batched_scores_equal_a_direct_forward_pass(random_adapter, tiny_model_dir):
+    scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    result = scorer.score_texts(TEXTS)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), random_adapter).eval()
+    expected = [_direct_probability(reference, scorer.encoder, t) for t in TEXTS]
+    assert result.statuses == [STATUS_OK] * len(TEXTS)
+    assert result.scores == pytest.approx(expected, abs=1e-5)
+    assert result.truncated == [False, False, True, False, False]
+    # The adapter changes the answer: the comparison is not base against base.
+    base_only = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert max(abs(a - _direct_probability(base_only, scorer.encoder, t)) for a, t in zip(expected, TEXTS)) > 1e-3
+
+
+def test_labels_follow_scores(random_adapter):
+    scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    result = scorer.score_texts(TEXTS)
+    for score, label, label_id in zip(result.scores, result.labels, result.label_ids):
+        assert label_id == int(score >= 0.5) and label == ("positive" if label_id else "negative")
+    assert scorer.identity.startswith("random-adapter@")
+
+
+def test_null_and_empty_texts_keep_their_rows(random_adapter):
+    scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    result = scorer.score_texts([None, "good", "   ", "<br />", "bad"])
+    assert result.statuses == [STATUS_EMPTY, STATUS_OK, STATUS_EMPTY, STATUS_EMPTY, STATUS_OK]
+    assert [s is None for s in result.scores] == [True, False, True, True, False]
+    assert result.labels[0] is None and result.label_ids[2] is None
+    assert scorer.score_texts([None]).scores == [None]
+
+
+def test_tokenizer_that_disagrees_with_training_is_refused(random_adapter, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(AdapterError, match="tokenizer differs"):
+        SentimentScorer(model, tokenizer, SPEC, "x", expected_label_ids=[1, 2])
+
+
+def test_zero_shot_uses_the_base_model(tiny_model_dir):
+    scorer = SentimentScorer.zero_shot(ModelConfig(name_or_path=str(tiny_model_dir), backend="hf", dtype="float32"), SPEC)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    expected = [_direct_probability(base, scorer.encoder, t) for t in TEXTS[:2]]
+    assert scorer.score_texts(TEXTS[:2]).scores == pytest.approx(expected, abs=1e-5)
+    assert scorer.identity.startswith("zero-shot:")
+
+
+def test_prompt_changes_are_seen_by_scoring(random_adapter):
+    """Scoring uses the adapter's saved prompt, not the caller's default."""
+    scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    assert scorer.encoder.spec == SPEC and dataclasses.asdict(scorer.encoder.spec)["max_length"] == 40

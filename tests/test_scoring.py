@@ -1,0 +1,117 @@
+"""The scoring job on a private local Ray: several files, a pool of two actors, bad inputs."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sentiment_ray.config import ScoreConfig, load_config
+from sentiment_ray.data import InputError
+from sentiment_ray.outputs import OutputExistsError
+from sentiment_ray.scoring import MANIFEST_FILE, run_scoring
+from sentiment_ray.tiny_model import synthetic_reviews
+from tests.conftest import REPO_ROOT, write_reviews
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(ray_session, tiny_model_dir, synthetic_train_file, tmp_path_factory):
+    """The finetune job on ~64 rows, as the users' integration path runs it."""
+    from sentiment_ray.config import FinetuneConfig
+    from sentiment_ray.train import run_finetune
+
+    cfg = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml", [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={synthetic_train_file}",
+        f"output_dir={tmp_path_factory.mktemp('score-adapter') / 'adapter'}", "data.limit=64",
+    ])
+    return run_finetune(cfg)["adapter_dir"]
+
+
+def _config(adapter_dir, input_path, output, *extra):
+    return load_config(ScoreConfig, REPO_ROOT / "configs" / "score" / "tiny_test.yaml", [
+        f"adapter={adapter_dir}", f"input={input_path}", f"output={output}", "model.dtype=float32", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def reviews_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reviews")
+    texts, labels = synthetic_reviews(1200, seed=5)
+    for part in range(4):  # 4 files of 300 rows
+        rows = slice(part * 300, (part + 1) * 300)
+        write_reviews(folder / f"part-{part}.parquet", texts[rows], labels[rows],
+                      ids=[f"r{i}" for i in range(rows.start, rows.stop)], source=[f"p{part}"] * 300)
+    return folder
+
+
+def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir, tmp_path):
+    out = tmp_path / "scored"
+    summary = run_scoring(_config(adapter_dir, reviews_dir / "*.parquet", out, "keep_columns=[source]"))
+    table = pq.read_table(out)
+    ids = table.column("id").to_pylist()
+    assert summary["rows_in"] == summary["rows_out"] == table.num_rows == 1200
+    assert sorted(ids) == sorted(f"r{i}" for i in range(1200))  # every id exactly once
+    scores = table.column("score").to_pylist()
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert table.column_names == ["id", "source", "label", "label_id", "score", "status", "adapter"]
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert {(lab, int(s >= 0.5)) for lab, s in zip(table.column("label").to_pylist(), scores)} <= {
+        ("negative", 0), ("positive", 1)}
+    assert set(table.column("label_id").to_pylist()) <= {0, 1}
+    assert table.column("adapter")[0].as_py().startswith("adapter@")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["rows_out"] == 1200 and manifest["status_counts"] == {"ok": 1200}
+    assert not list(tmp_path.glob(".scored.tmp-*"))  # the staging folder became the output
+
+
+def test_null_and_empty_text_rows_are_kept_and_marked(adapter_dir, tmp_path):
+    path = write_reviews(tmp_path / "in.parquet", ["great film", None, "", "   ", "awful"], ids=list("abcde"))
+    out = tmp_path / "scored"
+    summary = run_scoring(_config(adapter_dir, path, out))
+    rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert len(rows) == 5 and summary["status_counts"] == {"ok": 2, "empty_text": 3}
+    for key in "bcd":
+        assert rows[key]["status"] == "empty_text" and rows[key]["score"] is None and rows[key]["label"] is None
+    assert rows["a"]["status"] == rows["e"]["status"] == "ok"
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(adapter_dir, tmp_path):
+    path = write_reviews(tmp_path / "in.parquet", ["good"], ids=["a"])
+    out = tmp_path / "scored"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_scoring(_config(adapter_dir, path, out))
+    assert (out / "precious.txt").read_text() == "keep me"
+    run_scoring(_config(adapter_dir, path, out, "overwrite=true"))
+    assert pq.read_table(out).num_rows == 1 and not (out / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_text", "missing_id", "no_files", "corrupt", "not_strings", "collision"])
+def test_bad_input_fails_before_any_output(adapter_dir, tmp_path, case):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_reviews(folder / "good.parquet", ["fine"], ids=["a"])
+    pattern, extra, message = str(folder / "*.parquet"), [], None
+    if case == "missing_text":
+        pq.write_table(pa.table({"id": ["b"], "review": ["x"]}), folder / "other.parquet")
+        message = r"other\.parquet: no text column 'text'"
+    elif case == "missing_id":
+        pq.write_table(pa.table({"text": ["x"]}), folder / "noid.parquet")
+        message = r"noid\.parquet: no id column 'id'"
+    elif case == "no_files":
+        pattern, message = str(folder / "nothing-*.parquet"), "no Parquet files match"
+    elif case == "corrupt":
+        (folder / "broken.parquet").write_bytes(b"PAR1 garbage")
+        message = r"broken\.parquet: not a readable Parquet file"
+    elif case == "not_strings":
+        pq.write_table(pa.table({"id": ["b"], "text": [3]}), folder / "ints.parquet")
+        message = r"ints\.parquet: text column 'text' must hold strings"
+    elif case == "collision":
+        extra, message = ["keep_columns=[score]"], "collide"
+    out = tmp_path / "scored"
+    with pytest.raises(InputError, match=message):
+        run_scoring(_config(adapter_dir, pattern, out, *extra))
+    assert not out.exists() and not list(tmp_path.glob(".scored.tmp-*"))

@@ -1,4 +1,4 @@
-"""Scoring throughput on CPU: the bare in-process loop vs the Ray Data job, same adapter, rows and batch size.
+"""Scoring throughput on CPU: adapter kept vs merged (bare loop), and the Ray Data job, same rows and batch.
 
     python benchmarks/cpu_scoring.py --adapter demo_output/run-*/adapter --rows 200 --repeats 3
 
@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from sentiment_ray.config import ModelConfig, RayConfig, ScoreConfig
+from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
 from sentiment_ray.demo import DEMO_DATA
 from sentiment_ray.ray_cluster import ensure_ray
 from sentiment_ray.scorer import SentimentScorer
 from sentiment_ray.scoring import run_scoring
 
 
-def bare_loop(adapter: str, texts: list[str], batch_size: int, threads: int) -> float:
+def bare_loop(adapter: str, texts: list[str], batch_size: int, threads: int, merge: bool) -> float:
     import torch
 
     torch.set_num_threads(threads)
-    scorer = SentimentScorer.from_adapter(adapter, ModelConfig(name_or_path="", backend="hf", dtype="bfloat16"))
+    scorer = SentimentScorer.from_adapter(adapter, ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=merge))
     scorer.score_texts(texts[:batch_size])  # warm-up
     started = time.perf_counter()
     for start in range(0, len(texts), batch_size):
@@ -35,9 +35,10 @@ def bare_loop(adapter: str, texts: list[str], batch_size: int, threads: int) -> 
     return len(texts) / (time.perf_counter() - started)
 
 
-def ray_job(adapter: str, input_file: Path, out: Path, batch_size: int, threads: int) -> float:
+def ray_job(adapter: str, input_file: Path, out: Path, batch_size: int, threads: int, merge: bool) -> float:
     cfg = ScoreConfig(input=str(input_file), output=str(out), adapter=adapter, batch_size=batch_size, pool_size=1,
-                      num_cpus_per_actor=threads, model=ModelConfig(name_or_path="", backend="hf", dtype="bfloat16"))
+                      num_cpus_per_actor=threads,
+                      model=ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=merge))
     return run_scoring(cfg)["rows_per_second"]
 
 
@@ -56,13 +57,18 @@ def main() -> None:
     texts = table.column("text").to_pylist()
     ensure_ray(RayConfig(address="local", num_cpus=args.threads + 1))
 
-    bare = [bare_loop(args.adapter, texts, args.batch_size, args.threads) for _ in range(args.repeats)]
-    piped = [ray_job(args.adapter, work / "input.parquet", work / f"out{i}", args.batch_size, args.threads)
-             for i in range(args.repeats)]
-    print(f"\n{'path':32}{'median rows/s':>15}{'runs':>30}")
-    print(f"{'bare loop (in-process)':32}{statistics.median(bare):>15.2f}{str([round(x, 2) for x in bare]):>30}")
-    print(f"{'Ray Data job (end to end)':32}{statistics.median(piped):>15.2f}{str([round(x, 2) for x in piped]):>30}")
-    print(f"ratio Ray Data / bare: {statistics.median(piped) / statistics.median(bare):.2f}"
+    runs = {"bare loop, adapter kept": [], "bare loop, adapter merged": [], "Ray Data job, merged (end to end)": []}
+    for i in range(args.repeats):  # interleaved, so drifts in machine load hit every path alike
+        runs["bare loop, adapter kept"].append(bare_loop(args.adapter, texts, args.batch_size, args.threads, False))
+        runs["bare loop, adapter merged"].append(bare_loop(args.adapter, texts, args.batch_size, args.threads, True))
+        runs["Ray Data job, merged (end to end)"].append(
+            ray_job(args.adapter, work / "input.parquet", work / f"out{i}", args.batch_size, args.threads, True))
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    print(f"\n{'path':36}{'median rows/s':>15}{'runs':>30}")
+    for name, values in runs.items():
+        print(f"{name:36}{medians[name]:>15.2f}{str([round(x, 2) for x in values]):>30}")
+    kept, merged, piped = medians.values()
+    print(f"merged / kept: {merged / kept:.2f};  Ray Data / bare merged: {piped / merged:.2f}"
           f"  ({args.rows} rows, batch {args.batch_size}, {args.threads} threads, bf16)")
 
 

@@ -18,6 +18,7 @@ from sentiment_ray.prompt import PromptError, PromptSpec
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 TINY_MODEL = "embedded:tiny-random-mistral"  # built locally in a second; for tests and smoke runs
 BACKENDS = ("auto", "hf", "unsloth")
+DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -35,10 +36,12 @@ class ModelConfig:
     load_in_4bit: bool = False
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"
+    device: str = "auto"  # auto: cuda when present (hf backend; unsloth is always cuda)
 
     def __post_init__(self):
         _choice("model.backend", self.backend, BACKENDS)
         _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.device", self.device, DEVICES)
 
 
 @dataclass
@@ -46,6 +49,14 @@ class ScoringModelConfig(ModelConfig):
     # "": the base model recorded in the adapter (zero-shot: the embedded SmolLM2); set it to override
     # the recorded path, e.g. where the base lives at another path on the scoring nodes.
     name_or_path: str = ""
+    # Fold the LoRA weights into the base once at load (peft merge_and_unload): no adapter matmuls per
+    # forward. Needs an unquantized base (load_in_4bit: false).
+    merge_adapter: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.merge_adapter and self.load_in_4bit:
+            raise ConfigError("model.merge_adapter needs an unquantized base: set model.load_in_4bit to false")
 
 
 @dataclass
@@ -144,7 +155,10 @@ class ScoreConfig:
     id_column: str = "id"
     text_column: str = "text"
     keep_columns: list[str] = field(default_factory=list)
-    batch_size: int = 32
+    batch_size: int = 32  # rows per Ray Data batch
+    # None: one forward pass per batch. A number: each batch is sorted by length and cut into forward passes
+    # of at most this many padded tokens (less padding; bounded activation memory).
+    max_batch_tokens: int | None = None
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
@@ -158,6 +172,8 @@ class ScoreConfig:
         _required("output", self.output)
         _positive("batch_size", self.batch_size)
         _positive("pool_size", self.pool_size)
+        if self.max_batch_tokens is not None:
+            _positive("max_batch_tokens", self.max_batch_tokens)
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
             raise ConfigError("num_cpus_per_actor and num_gpus_per_actor must be >= 0")
         return self

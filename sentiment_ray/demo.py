@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from sentiment_ray.config import FinetuneConfig, ModelConfig, RayConfig, ScoreConfig, load_config
+from sentiment_ray.config import FinetuneConfig, RayConfig, ScoreConfig, load_config
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def run_demo(output_dir: str | Path = "demo_output", train_rows: int | None = No
     timings["finetune_s"] = time.perf_counter() - t
 
     t = _step("5/5 score the same dev reviews with the adapter")
-    tuned = run_scoring(dataclasses.replace(score_cfg, adapter=trained["adapter_dir"], model=ModelConfig(
-        name_or_path="", backend=score_cfg.model.backend, dtype=score_cfg.model.dtype),
+    tuned = run_scoring(dataclasses.replace(
+        score_cfg, adapter=trained["adapter_dir"], model=dataclasses.replace(score_cfg.model, name_or_path=""),
         output=str(run_dir / "finetuned" / "scored")))
     results["finetuned"] = evaluate(tuned["output"], str(eval_file), run_dir / "finetuned")
     results["finetuned"]["rows_per_second"] = tuned["rows_per_second"]

@@ -38,10 +38,14 @@ class BatchScores:
 
 
 class SentimentScorer:
-    def __init__(self, model, tokenizer, prompt: PromptSpec, identity: str, expected_label_ids: list[int] | None = None):
+    def __init__(self, model, tokenizer, prompt: PromptSpec, identity: str, expected_label_ids: list[int] | None = None,
+                 max_batch_tokens: int | None = None):
         import torch
 
         self.model = model
+        # None: the whole batch in one forward pass. A number: rows sorted by length and cut into forwards of at
+        # most this many padded tokens, so a long review no longer pads every short one in its batch.
+        self.max_batch_tokens = max_batch_tokens
         self.encoder = PromptEncoder(prompt, tokenizer)
         if expected_label_ids is not None and list(self.encoder.label_token_ids) != list(expected_label_ids):
             raise AdapterError(
@@ -66,7 +70,8 @@ class SentimentScorer:
     # ---------------------------------------------------------------------------------- construction
 
     @classmethod
-    def from_adapter(cls, adapter_dir: str | Path, model: ModelConfig | None = None) -> SentimentScorer:
+    def from_adapter(cls, adapter_dir: str | Path, model: ModelConfig | None = None,
+                     max_batch_tokens: int | None = None) -> SentimentScorer:
         """Base model + adapter; `model.name_or_path` overrides the recorded base (e.g. its path on this node)."""
         from sentiment_ray import backends
 
@@ -77,22 +82,24 @@ class SentimentScorer:
         loaded, tokenizer, _ = backends.load_for_scoring(
             model, base, str(adapter_dir), max_length=metadata.prompt.max_length
         )
-        return cls(loaded, tokenizer, metadata.prompt, adapter_identity(adapter_dir), metadata.label_token_ids)
+        return cls(loaded, tokenizer, metadata.prompt, adapter_identity(adapter_dir), metadata.label_token_ids,
+                   max_batch_tokens=max_batch_tokens)
 
     @classmethod
-    def zero_shot(cls, model: ModelConfig, prompt: PromptSpec) -> SentimentScorer:
+    def zero_shot(cls, model: ModelConfig, prompt: PromptSpec, max_batch_tokens: int | None = None) -> SentimentScorer:
         """The base model alone, with the same prompt and label words: the before-finetuning baseline."""
         from sentiment_ray import backends
 
         base = backends.resolve_model_path(model.name_or_path or EMBEDDED_MODEL)
         loaded, tokenizer, _ = backends.load_for_scoring(model, base, None, max_length=prompt.max_length)
-        return cls(loaded, tokenizer, prompt, f"zero-shot:{Path(base).name}")
+        return cls(loaded, tokenizer, prompt, f"zero-shot:{Path(base).name}", max_batch_tokens=max_batch_tokens)
 
     @classmethod
-    def load(cls, adapter_dir: str | None, model: ModelConfig, prompt: PromptSpec) -> SentimentScorer:
+    def load(cls, adapter_dir: str | None, model: ModelConfig, prompt: PromptSpec,
+             max_batch_tokens: int | None = None) -> SentimentScorer:
         if adapter_dir:
-            return cls.from_adapter(adapter_dir, model)
-        return cls.zero_shot(model, prompt)
+            return cls.from_adapter(adapter_dir, model, max_batch_tokens)
+        return cls.zero_shot(model, prompt, max_batch_tokens)
 
     # ---------------------------------------------------------------------------------- scoring
 
@@ -118,6 +125,18 @@ class SentimentScorer:
                 logits = self._softcap * torch.tanh(logits / self._softcap)
         return logits
 
+    def forward_groups(self, lengths: list[int]) -> list[list[int]]:
+        """Row indices per forward pass: all rows at once, or length-sorted groups within the token budget."""
+        if not self.max_batch_tokens:
+            return [list(range(len(lengths)))]
+        groups, current = [], []
+        for row in sorted(range(len(lengths)), key=lengths.__getitem__):
+            if current and (len(current) + 1) * lengths[row] > self.max_batch_tokens:
+                groups.append(current)
+                current = []
+            current.append(row)
+        return groups + [current] if current else groups
+
     def score_texts(self, texts: list[str | None]) -> BatchScores:
         import torch
 
@@ -128,11 +147,13 @@ class SentimentScorer:
         truncated = [False] * len(texts)
         if scorable:
             encoded = self.encoder.encode_prompts([cleaned[i] for i in scorable])
-            logits = self.label_logits([e.input_ids for e in encoded])
-            positive = torch.softmax(logits, dim=-1)[:, 1].cpu().numpy().astype(np.float64)
-            for j, i in enumerate(scorable):
-                scores[i] = float(positive[j])
-                statuses[i] = STATUS_OK
-                truncated[i] = encoded[j].truncated
+            for group in self.forward_groups([len(e.input_ids) for e in encoded]):
+                logits = self.label_logits([encoded[j].input_ids for j in group])
+                positive = torch.softmax(logits, dim=-1)[:, 1].cpu().numpy().astype(np.float64)
+                for j, p in zip(group, positive):
+                    i = scorable[j]
+                    scores[i] = float(p)
+                    statuses[i] = STATUS_OK
+                    truncated[i] = encoded[j].truncated
         return BatchScores(scores, statuses, truncated)
 

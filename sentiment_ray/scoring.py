@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from sentiment_ray.config import ModelConfig, ScoreConfig, to_dict
+from sentiment_ray.config import ScoreConfig, ScoringModelConfig, to_dict
 from sentiment_ray.data import InputError, check_columns, count_rows, open_parquet, resolve_parquet_files
 from sentiment_ray.outputs import check_output_free, commit, staging_dir
 from sentiment_ray.prompt import PromptSpec
@@ -28,14 +28,15 @@ class ScoringActor:
     """Ray Data callable class: one model per actor, one forward pass per batch."""
 
     def __init__(self, adapter: str | None, model: dict, prompt: dict, id_column: str, text_column: str,
-                 keep_columns: list[str], torch_threads: int | None):
+                 keep_columns: list[str], torch_threads: int | None, max_batch_tokens: int | None = None):
         import torch
 
         if torch_threads and not torch.cuda.is_available():
             torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the reserved CPUs; say it explicitly
         from sentiment_ray.scorer import SentimentScorer
 
-        self.scorer = SentimentScorer.load(adapter, ModelConfig(**model), PromptSpec.from_dict(prompt))
+        self.scorer = SentimentScorer.load(adapter, ScoringModelConfig(**model), PromptSpec.from_dict(prompt),
+                                           max_batch_tokens)
         self.id_column = id_column
         self.text_column = text_column
         self.keep_columns = keep_columns
@@ -76,6 +77,16 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[str], int]:
     return files, count_rows(files)
 
 
+def read_reviews(files: list[str], cfg: ScoreConfig):
+    """The input as a Ray Dataset of the needed columns, in blocks of one batch each."""
+    import ray
+
+    dataset = ray.data.read_parquet(files).select_columns([cfg.id_column, cfg.text_column, *cfg.keep_columns])
+    # Ray reads small files as one block, which would leave all but one actor (one GPU) idle; a streaming
+    # repartition hands the pool one block per batch without a shuffle.
+    return dataset.repartition(target_num_rows_per_block=cfg.batch_size)
+
+
 def run_scoring(cfg: ScoreConfig) -> dict:
     """Score `cfg.input` into `cfg.output`; returns the manifest (counts, rows/s, adapter identity)."""
     import ray
@@ -95,8 +106,7 @@ def run_scoring(cfg: ScoreConfig) -> dict:
 
     started = time.perf_counter()
     ensure_ray(cfg.ray)
-    dataset = ray.data.read_parquet(files, columns=[cfg.id_column, cfg.text_column, *cfg.keep_columns])
-    scored = dataset.map_batches(
+    scored = read_reviews(files, cfg).map_batches(
         ScoringActor,
         fn_constructor_kwargs={
             "adapter": adapter,
@@ -106,6 +116,7 @@ def run_scoring(cfg: ScoreConfig) -> dict:
             "text_column": cfg.text_column,
             "keep_columns": list(cfg.keep_columns),
             "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor)),
+            "max_batch_tokens": cfg.max_batch_tokens,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

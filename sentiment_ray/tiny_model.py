@@ -35,7 +35,9 @@ def _tokenizer_corpus() -> list[str]:
     return texts + cues + [" ".join(POSITIVE_WORDS + NEGATIVE_WORDS + FILLER_WORDS)] * 20
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_heads: int = 4,
+                     num_layers: int = 2) -> Path:
+    """`hidden_size=256` gives 64-dim heads, the smallest shape fused GPU kernels (Unsloth) are made for."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
@@ -56,11 +58,11 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = MistralConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -50,7 +50,10 @@ def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]
 # ------------------------------------------------------------------------------------------------ worker
 
 
-def _report_callback():
+WARMUP_STEPS_EXCLUDED = 2  # the first steps compile kernels (Unsloth, torch) and warm allocators
+
+
+def _callbacks(timings: dict):
     from transformers import TrainerCallback
 
     class RayTrainMetricsCallback(TrainerCallback):
@@ -63,7 +66,26 @@ def _report_callback():
                 metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
                 ray.train.report({**metrics, "step": state.global_step})
 
-    return RayTrainMetricsCallback()
+    class ThroughputCallback(TrainerCallback):
+        """Time to the first step, and non-padding tokens/s once the warm-up steps are over."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            timings["begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if state.global_step == 1:
+                timings["first_step_seconds"] = round(now - timings["begin"], 3)
+            if state.global_step == WARMUP_STEPS_EXCLUDED:
+                timings["warm"] = (now, state.num_input_tokens_seen)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if "warm" in timings and state.global_step > WARMUP_STEPS_EXCLUDED:
+                start, tokens = timings.pop("warm")
+                elapsed = time.perf_counter() - start
+                timings["steady_tokens_per_second"] = round((state.num_input_tokens_seen - tokens) / elapsed, 1)
+
+    return [RayTrainMetricsCallback(), ThroughputCallback()]
 
 
 def train_worker(loop_config: dict) -> None:
@@ -90,6 +112,7 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(cfg.train.torch_threads or cfg.ray.cpus_per_worker)
     trl_cpu_fallback.install()
 
+    load_started = time.perf_counter()
     model, tokenizer, backend = backends.load_for_training(
         dataclasses.replace(cfg.model, backend=backend_name),
         cfg.lora,
@@ -97,6 +120,7 @@ def train_worker(loop_config: dict) -> None:
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         seed=cfg.train.seed,
     )
+    load_seconds = time.perf_counter() - load_started
     encoder = PromptEncoder(cfg.prompt, tokenizer)
     prompts = encoder.encode_prompts(encoder.clean_texts(loop_config["texts"]))
     examples = [encoder.encode_example(p.input_ids, y) for p, y in zip(prompts, loop_config["labels"])]
@@ -129,12 +153,13 @@ def train_worker(loop_config: dict) -> None:
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
     )
+    timings: dict = {}
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[_report_callback()],
+        callbacks=_callbacks(timings),
     )
     started = time.perf_counter()
     output = trainer.train()
@@ -146,6 +171,9 @@ def train_worker(loop_config: dict) -> None:
         "train_seconds": round(seconds, 3),
         "non_padding_tokens": int(tokens),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "steady_tokens_per_second": timings.get("steady_tokens_per_second"),
+        "first_step_seconds": timings.get("first_step_seconds"),
+        "model_load_seconds": round(load_seconds, 3),
         "truncated_fraction": round(sum(p.truncated for p in prompts) / max(1, len(prompts)), 4),
     }
     if on_gpu:

@@ -73,3 +73,26 @@ def test_prompt_changes_are_seen_by_scoring(random_adapter):
     """Scoring uses the adapter's saved prompt, not the caller's default."""
     scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
     assert scorer.encoder.spec == SPEC and dataclasses.asdict(scorer.encoder.spec)["max_length"] == 40
+
+
+def test_merged_adapter_scores_like_the_unmerged_one(random_adapter):
+    from sentiment_ray.config import ScoringModelConfig
+
+    texts = TEXTS[:3]
+    unmerged = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    merged = SentimentScorer.from_adapter(
+        random_adapter, ScoringModelConfig(backend="hf", dtype="float32", merge_adapter=True))
+    assert not hasattr(merged.model, "peft_config")  # really merged: a plain transformers model
+    assert merged.score_texts(texts).scores == pytest.approx(unmerged.score_texts(texts).scores, abs=1e-5)
+
+
+def test_length_sorted_forward_groups_respect_the_budget_and_change_nothing(random_adapter):
+    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
+    whole = SentimentScorer.from_adapter(random_adapter, model)
+    split = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=60)
+    lengths = [len(p.input_ids) for p in split.encoder.encode_prompts(split.encoder.clean_texts(TEXTS))]
+    groups = split.forward_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(TEXTS))) and len(groups) > 1
+    assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 60 for g in groups)
+    assert whole.forward_groups(lengths) == [list(range(len(TEXTS)))]
+    assert split.score_texts(TEXTS).scores == pytest.approx(whole.score_texts(TEXTS).scores, abs=1e-5)

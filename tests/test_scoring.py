@@ -115,3 +115,14 @@ def test_bad_input_fails_before_any_output(adapter_dir, tmp_path, case):
     with pytest.raises(InputError, match=message):
         run_scoring(_config(adapter_dir, pattern, out, *extra))
     assert not out.exists() and not list(tmp_path.glob(".scored.tmp-*"))
+
+
+def test_one_small_file_still_feeds_every_actor(ray_session, tmp_path):
+    """Ray reads a small file as one block; the pool must get one block per batch or one actor does it all."""
+    from sentiment_ray.scoring import read_reviews
+
+    texts, _ = synthetic_reviews(1000, seed=3)
+    path = write_reviews(tmp_path / "one.parquet", texts)
+    cfg = ScoreConfig(input=str(path), output=str(tmp_path / "o"), batch_size=64, pool_size=2)
+    blocks = read_reviews([str(path)], cfg).materialize()
+    assert blocks.num_blocks() == 16 and blocks.count() == 1000

@@ -49,6 +49,7 @@ def test_adapter_folder_and_metadata(trained, synthetic_train_file, tiny_model_d
     assert meta.data["rows"] == 256 and meta.data["files"] == [str(synthetic_train_file)]
     assert len(meta.data["fingerprint"]) == 16
     assert meta.metrics["steps"] == 64 and meta.metrics["train_loss"] > 0
+    assert meta.metrics["first_step_seconds"] > 0 and meta.metrics["steady_tokens_per_second"] > 0
     assert json.loads((meta_path := (__import__("pathlib").Path(folder) / "adapter_config.json")).read_text())["r"] == 8
     assert meta_path.with_name("adapter_model.safetensors").exists()
     assert not list(meta_path.parent.glob("*.bin")) and not list(meta_path.parent.glob("*.pt"))

@@ -39,11 +39,19 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a hub id
 
 
-def torch_dtype(name: str):
+def torch_device(name: str) -> str:
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def torch_dtype(name: str, device: str = "auto"):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch_device(device) == "cuda" else torch.float32
     return getattr(torch, name)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sentiment_ray.backends import torch_dtype
+from sentiment_ray.backends import torch_device, torch_dtype
 from sentiment_ray.config import LoraSettings, ModelConfig
 
 
@@ -10,8 +10,9 @@ def _load_base(model: ModelConfig, path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = torch_device(model.device)
     kwargs = {
-        "dtype": torch_dtype(model.dtype),
+        "dtype": torch_dtype(model.dtype, model.device),
         "trust_remote_code": model.trust_remote_code,
         "use_safetensors": True,  # never unpickle weights
     }
@@ -20,7 +21,7 @@ def _load_base(model: ModelConfig, path: str):
     if model.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        if not torch.cuda.is_available():
+        if device != "cuda":
             raise RuntimeError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -30,7 +31,7 @@ def _load_base(model: ModelConfig, path: str):
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not model.load_in_4bit and torch.cuda.is_available():
+    if not model.load_in_4bit and device == "cuda":
         base = base.to("cuda")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -62,5 +63,7 @@ def load_for_scoring(model: ModelConfig, base_path: str, adapter_dir: str | None
 
     base, tokenizer = _load_base(model, base_path)
     loaded = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False) if adapter_dir else base
+    if adapter_dir and getattr(model, "merge_adapter", False):
+        loaded = loaded.merge_and_unload()
     loaded.eval()
     return loaded, tokenizer

@@ -61,6 +61,8 @@ def load_for_scoring(model: ModelConfig, base_path: str, adapter_dir: str | None
         trust_remote_code=model.trust_remote_code,
     )
     loaded = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False) if adapter_dir else base
+    if adapter_dir and getattr(model, "merge_adapter", False):
+        loaded = loaded.merge_and_unload()
     fast.for_inference(loaded)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,76 @@
+"""GPU path (`pytest -m gpu` on a CUDA machine): Unsloth finetuning inside a Ray Train worker, GPU actor-pool
+scoring through the Ray Data job, and the same adapter scored on the CPU path. Their CPU twins are
+test_train.py and test_scoring.py, which run the same jobs with the hf backend."""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sentiment_ray.config import FinetuneConfig, ModelConfig, ScoreConfig, load_config
+from sentiment_ray.metadata import read_metadata
+from sentiment_ray.scorer import SentimentScorer
+from sentiment_ray.scoring import run_scoring
+from sentiment_ray.tiny_model import build_tiny_model, synthetic_reviews
+from sentiment_ray.train import run_finetune
+from tests.conftest import REPO_ROOT, write_reviews
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.timeout(1200),
+]
+# bf16 on the GPU against fp32 on the CPU: about 3 significant digits per probability.
+GPU_CPU_TOLERANCE = 0.02
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("small") / "model", hidden_size=256, num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def gpu_adapter(ray_session, small_model, synthetic_train_file, tmp_path_factory):
+    cfg = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml", [
+        f"model.name_or_path={small_model}", "model.backend=unsloth", "model.dtype=bfloat16",
+        f"data.train={synthetic_train_file}", "data.limit=null", "train.max_steps=12", "train.batch_size=16",
+        f"output_dir={tmp_path_factory.mktemp('gpu') / 'adapter'}", "ray.use_gpu=true",
+    ])
+    return run_finetune(cfg)
+
+
+def test_unsloth_trains_in_a_ray_train_worker(gpu_adapter):
+    meta = read_metadata(gpu_adapter["adapter_dir"])
+    assert meta.backend == "unsloth" and meta.metrics["steps"] == 12
+    assert meta.metrics["peak_gpu_memory_gb"] > 0
+
+
+def test_gpu_scoring_job_matches_the_cpu_path(gpu_adapter, tmp_path):
+    texts, _ = synthetic_reviews(300, seed=11)
+    for part in range(3):
+        write_reviews(tmp_path / f"in-{part}.parquet", texts[part::3], ids=[f"{part}-{i}" for i in range(100)])
+    out = tmp_path / "scored"
+    cfg = load_config(ScoreConfig, REPO_ROOT / "configs" / "score" / "tiny_test.yaml", [
+        f"adapter={gpu_adapter['adapter_dir']}", f"input={tmp_path / 'in-*.parquet'}", f"output={out}",
+        "pool_size=1", "num_gpus_per_actor=1", "model.backend=unsloth", "model.dtype=bfloat16",
+    ])
+    summary = run_scoring(cfg)
+    assert summary["rows_out"] == 300
+    gpu = {r["id"]: r["score"] for r in pq.read_table(out).to_pylist()}
+
+    cpu_scorer = SentimentScorer.from_adapter(
+        gpu_adapter["adapter_dir"], ModelConfig(name_or_path="", backend="hf", dtype="float32", device="cpu"))
+    cpu_scores = cpu_scorer.score_texts([texts[part::3][i] for part in range(3) for i in range(100)]).scores
+    ids = [f"{part}-{i}" for part in range(3) for i in range(100)]
+    worst = max(abs(gpu[i] - c) for i, c in zip(ids, cpu_scores))
+    assert worst < GPU_CPU_TOLERANCE, f"GPU and CPU probabilities differ by up to {worst:.4f}"
+
+
+def test_hf_backend_on_gpu_matches_cpu(gpu_adapter):
+    texts, _ = synthetic_reviews(32, seed=12)
+    gpu = SentimentScorer.from_adapter(gpu_adapter["adapter_dir"],
+                                       ModelConfig(name_or_path="", backend="hf", dtype="bfloat16", device="cuda"))
+    cpu = SentimentScorer.from_adapter(gpu_adapter["adapter_dir"],
+                                       ModelConfig(name_or_path="", backend="hf", dtype="float32", device="cpu"))
+    assert gpu.device.type == "cuda"
+    diffs = [abs(a - b) for a, b in zip(gpu.score_texts(texts).scores, cpu.score_texts(texts).scores)]
+    assert max(diffs) < GPU_CPU_TOLERANCE

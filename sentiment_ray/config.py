@@ -160,6 +160,7 @@ class ScoreConfig:
     # of at most this many padded tokens (less padding; bounded activation memory).
     max_batch_tokens: int | None = None
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
+    rows_per_file: int = 100_000  # output rows gathered per Parquet file (the last one may hold fewer)
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     torch_threads: int | None = None  # default: the CPUs each actor reserves
@@ -172,6 +173,7 @@ class ScoreConfig:
         _required("output", self.output)
         _positive("batch_size", self.batch_size)
         _positive("pool_size", self.pool_size)
+        _positive("rows_per_file", self.rows_per_file)
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
@@ -216,7 +218,7 @@ def _coerce(value, hint, key: str):
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return _build(hint, value, key)
+        return build_config(hint, value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -241,7 +243,8 @@ def _coerce(value, hint, key: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def build_config(cls, data: dict, prefix: str = ""):
+    """A config dataclass from a plain mapping (YAML, or `asdict` output sent to a Ray worker), type-checked."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -289,7 +292,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
             raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     data = merge_overrides(data, overrides or [])
     try:
-        config = _build(cls, data)
+        config = build_config(cls, data)
         return config.validate()
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None

@@ -125,7 +125,8 @@ def run_scoring(cfg: ScoreConfig) -> dict:
         num_gpus=cfg.num_gpus_per_actor,
     )
     staging = staging_dir(final)
-    scored.write_parquet(str(staging))
+    # Blocks are one batch each (see read_reviews); gather them so the output is not thousands of tiny files.
+    scored.write_parquet(str(staging), min_rows_per_file=cfg.rows_per_file)
     seconds = time.perf_counter() - started
 
     written = pads.dataset(str(staging), format="parquet")

@@ -8,14 +8,13 @@ and reports the adapter folder as a Ray Train checkpoint, which the driver copie
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from sentiment_ray.config import FinetuneConfig, _build
+from sentiment_ray.config import FinetuneConfig, build_config
 from sentiment_ray.data import load_labeled_hf, load_labeled_parquet, fingerprint
 from sentiment_ray.outputs import check_output_free, commit, staging_dir
 
@@ -92,7 +91,7 @@ def train_worker(loop_config: dict) -> None:
     """Ray Train worker entry point: build model and data, run SFTTrainer, report the adapter."""
     from sentiment_ray import backends
 
-    cfg: FinetuneConfig = _build(FinetuneConfig, loop_config["config"])
+    cfg: FinetuneConfig = build_config(FinetuneConfig, loop_config["config"])
     backend_name = backends.resolve_backend(cfg.model.backend)  # here, on the worker that has (or lacks) the GPU
     if backend_name == "unsloth":
         from sentiment_ray.backends.unsloth_backend import _fast_language_model

@@ -7,7 +7,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sentiment_ray.config import ModelConfig
 from sentiment_ray.metadata import AdapterError
-from sentiment_ray.prompt import PromptEncoder, PromptSpec
 from sentiment_ray.scorer import STATUS_EMPTY, STATUS_OK, SentimentScorer
 
 from tests.conftest import RANDOM_ADAPTER_SPEC as SPEC

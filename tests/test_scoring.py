@@ -64,6 +64,7 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["rows_out"] == 1200 and manifest["status_counts"] == {"ok": 1200}
     assert not list(tmp_path.glob(".scored.tmp-*"))  # the staging folder became the output
+    assert len(list(out.glob("*.parquet"))) <= 2  # 1,200 rows in batches of 64: gathered, not 19 tiny files
 
 
 def test_null_and_empty_text_rows_are_kept_and_marked(adapter_dir, tmp_path):
@@ -126,3 +127,17 @@ def test_one_small_file_still_feeds_every_actor(ray_session, tmp_path):
     cfg = ScoreConfig(input=str(path), output=str(tmp_path / "o"), batch_size=64, pool_size=2)
     blocks = read_reviews([str(path)], cfg).materialize()
     assert blocks.num_blocks() == 16 and blocks.count() == 1000
+
+
+def test_evaluate_scores_a_labeled_file_in_one_go(adapter_dir, tmp_path, capsys):
+    from sentiment_ray.cli import main
+
+    texts, labels = synthetic_reviews(40, seed=21)
+    labeled = write_reviews(tmp_path / "labeled.parquet", texts, labels)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--adapter", str(adapter_dir), "--input", str(labeled), "--output", str(out),
+                 "--config", str(REPO_ROOT / "configs" / "score" / "tiny_test.yaml"), "model.dtype=float32"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 40 and metrics["n_unscored"] == 0 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert pq.read_table(out / "scored").num_rows == 40
+    assert "accuracy" in capsys.readouterr().out.lower()

@@ -1,14 +1,14 @@
 """The finetune job on the tiny model, through Ray Train, then scored: proves labels, masks and scoring agree."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from sentiment_ray.config import FinetuneConfig, load_config
+from sentiment_ray.config import FinetuneConfig, ModelConfig, load_config
 from sentiment_ray.metadata import read_metadata
 from sentiment_ray.outputs import OutputExistsError
 from sentiment_ray.scorer import SentimentScorer
-from sentiment_ray.config import ModelConfig
 from sentiment_ray.tiny_model import synthetic_reviews
 from sentiment_ray.train import run_finetune
 from tests.conftest import REPO_ROOT
@@ -50,9 +50,10 @@ def test_adapter_folder_and_metadata(trained, synthetic_train_file, tiny_model_d
     assert len(meta.data["fingerprint"]) == 16
     assert meta.metrics["steps"] == 64 and meta.metrics["train_loss"] > 0
     assert meta.metrics["first_step_seconds"] > 0 and meta.metrics["steady_tokens_per_second"] > 0
-    assert json.loads((meta_path := (__import__("pathlib").Path(folder) / "adapter_config.json")).read_text())["r"] == 8
-    assert meta_path.with_name("adapter_model.safetensors").exists()
-    assert not list(meta_path.parent.glob("*.bin")) and not list(meta_path.parent.glob("*.pt"))
+    folder = Path(folder)
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+    assert (folder / "adapter_model.safetensors").exists()
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # safetensors only
 
 
 def test_peft_loads_the_adapter_as_it_is(trained, tiny_model_dir):

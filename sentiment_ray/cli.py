@@ -14,10 +14,10 @@ from sentiment_ray.config import ConfigError, FinetuneConfig, ScoreConfig, load_
 from sentiment_ray.data import InputError
 from sentiment_ray.labels import LabelError
 from sentiment_ray.metadata import AdapterError
-from sentiment_ray.outputs import OutputExistsError
 from sentiment_ray.prompt import PromptError
 
-USER_ERRORS = (ConfigError, InputError, LabelError, AdapterError, OutputExistsError, PromptError, FileNotFoundError)
+# OutputExistsError is a FileExistsError, as is evaluate's refusal to replace metrics.json.
+USER_ERRORS = (ConfigError, InputError, LabelError, AdapterError, FileExistsError, PromptError, FileNotFoundError)
 
 
 def _score_overrides(args) -> list[str]:

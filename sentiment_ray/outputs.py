@@ -16,6 +16,10 @@ class OutputExistsError(FileExistsError):
 
 
 def check_output_free(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:
+    if "://" in str(path):
+        # Outputs are committed by renaming a staging folder, which object stores cannot do atomically.
+        raise OutputExistsError(f"output {path}: write outputs to a local or mounted shared filesystem path; "
+                                "object-store URIs are supported for inputs only")
     path = Path(path).expanduser().resolve()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:

@@ -28,6 +28,18 @@ def test_predict_function_agrees_with_the_command(random_adapter, capsys):
     assert prediction.probability == pytest.approx(max(prediction.score, 1 - prediction.score))
 
 
+def test_evaluate_refuses_to_replace_metrics(tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "score": [0.9], "status": ["ok"]}), scored / "p.parquet")
+    labels = write_reviews(tmp_path / "labels.parquet", ["t"], [1], ids=["a"])
+    assert main(["evaluate", "--scored", str(scored), "--labels", str(labels), "--output", str(out)]) == 2
+    assert "overwrite" in capsys.readouterr().err and (out / "metrics.json").read_text() == "{}"
+
+
 def test_evaluate_command_on_scored_output(tmp_path, capsys):
     scored = tmp_path / "scored"
     scored.mkdir()
@@ -49,6 +61,7 @@ def test_evaluate_command_on_scored_output(tmp_path, capsys):
     (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--text-column", "body", "--adapter", "{adapter}"], "no text column 'body'"),
     (["finetune", "--config", "{tmp}/missing.yaml"], "does not exist"),
     (["predict", "hello"], "needs --adapter"),
+    (["score", "--input", "{tmp}/in.parquet", "--output", "s3://bucket/out", "--adapter", "{adapter}"], "object-store URIs"),
 ])
 def test_bad_input_exits_2_with_a_one_line_message(tmp_path, random_adapter, capsys, argv, message):
     write_reviews(tmp_path / "in.parquet", ["x"], ids=["a"])

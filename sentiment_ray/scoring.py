@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from sentiment_ray.config import ScoreConfig, ScoringModelConfig, to_dict
@@ -133,11 +134,9 @@ def run_scoring(cfg: ScoreConfig) -> dict:
     rows_out = written.count_rows()
     if rows_in >= 0 and rows_out != rows_in:
         raise RuntimeError(f"scoring wrote {rows_out} rows for {rows_in} input rows; partial output left in {staging}")
-    statuses = written.to_table(columns=["status", "adapter"])
-    status_counts = {}
-    for status in statuses.column("status").to_pylist():
-        status_counts[status] = status_counts.get(status, 0) + 1
-    identity = statuses.column("adapter")[0].as_py() if rows_out else None
+    counted = pc.value_counts(written.to_table(columns=["status"]).column("status"))
+    status_counts = {entry["values"].as_py(): entry["counts"].as_py() for entry in counted}
+    identity = written.head(1, columns=["adapter"]).column("adapter")[0].as_py() if rows_out else None
     manifest = {
         "rows_in": rows_in if rows_in >= 0 else rows_out,
         "rows_out": rows_out,

@@ -119,7 +119,7 @@ class TrainConfig:
 @dataclass
 class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS / a running local cluster / start one; "local": a private one
-    num_cpus: int | None = None  # only when this process starts Ray itself
+    num_cpus: int | None = None  # only when this process starts Ray itself (default: cores + 1)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     storage_path: str | None = None  # Ray Train checkpoints; must be shared storage on a multi-node cluster

@@ -66,8 +66,7 @@ def run_demo(output_dir: str | Path = "demo_output", train_rows: int | None = No
 
     t = _step("2/5 start a private local Ray")
     cpus = os.cpu_count() or 2
-    # One logical CPU more than the actors take, so Ray Data's read tasks are never starved on 2 cores.
-    ensure_ray(RayConfig(address="local", num_cpus=cpus + 1))
+    ensure_ray(RayConfig(address="local"))
     timings["ray_start_s"] = time.perf_counter() - t
 
     results = {}

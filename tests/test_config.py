@@ -64,3 +64,14 @@ def test_score_model_section_defaults_to_the_adapters_base():
     """A YAML `model:` section that sets only dtype must not swap the adapter's base for another model."""
     cfg = load_config(ScoreConfig, None, ["input=x", "output=y", "model.dtype=float32"])
     assert cfg.model.name_or_path == "" and cfg.model.dtype == "float32"
+
+
+def test_local_ray_leaves_a_cpu_for_ray_data(monkeypatch):
+    """Actors that reserve every core would starve Ray Data's read tasks on a small machine."""
+    from sentiment_ray import ray_cluster
+
+    monkeypatch.setattr(ray_cluster.os, "cpu_count", lambda: 2)
+    assert ray_cluster.local_cpus() == 3
+    for path in sorted((CONFIGS / "score").glob("*cpu*.yaml")) + [CONFIGS / "score" / "tiny_test.yaml"]:
+        cfg = load_config(ScoreConfig, path, ["input=x", "output=y"])
+        assert cfg.pool_size * cfg.num_cpus_per_actor < 3, path.name

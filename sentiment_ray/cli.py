@@ -36,6 +36,10 @@ def _score_overrides(args) -> list[str]:
         overrides.append(f"keep_columns={json.dumps([c for c in args.keep_columns.split(',') if c])}")
     if args.overwrite:
         overrides.append("overwrite=true")
+    if getattr(args, "resume", False):
+        overrides.append("resume=true")
+    if getattr(args, "skip_unreadable_files", False):
+        overrides.append("skip_unreadable_files=true")
     return overrides + list(args.overrides)
 
 
@@ -72,7 +76,9 @@ def cmd_score(args) -> int:
 
     cfg = load_config(ScoreConfig, args.config, _score_overrides(args))
     summary = run_scoring(cfg)
-    print(json.dumps({k: summary[k] for k in ("output", "rows_in", "rows_out", "status_counts", "rows_per_second")}, indent=2))
+    keys = ("output", "rows_in", "rows_out", "rows_scored", "rows_marked", "rows_skipped", "status_counts",
+            "files_skipped", "units", "rows_per_second")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0
 
 
@@ -147,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score Parquet reviews with a Ray Data actor pool")
     _add_score_flags(p, input_help="Parquet file, folder or glob of reviews")
-    p.add_argument("--output", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--output", help="output folder (must not exist unless --resume or --overwrite)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an earlier run into --output that stopped (crash, kill): committed work is kept")
+    p.add_argument("--skip-unreadable-files", action="store_true",
+                   help="skip (and report) Parquet files or row groups that cannot be read, instead of failing")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="accuracy, precision, recall, F1, ROC AUC, confusion matrix, plots")

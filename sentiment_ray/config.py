@@ -151,7 +151,12 @@ class ScoreConfig:
     input: str = ""  # Parquet file, folder or glob
     output: str = ""  # a folder that must not exist yet (or pass overwrite)
     adapter: str | None = None  # None: zero-shot with model.name_or_path and `prompt`
-    overwrite: bool = False
+    overwrite: bool = False  # replace an existing output (and drop an unfinished run's work)
+    resume: bool = False  # continue an unfinished run into `output`, skipping its committed work units
+    # Rows per work unit: the grain of commits, of resume and of retries after a crash (docs/RESILIENCE.md).
+    # Small inputs are cut finer so that every actor gets work.
+    unit_rows: int = 10_000
+    skip_unreadable_files: bool = False  # report and skip unreadable Parquet instead of failing the job
     id_column: str = "id"
     text_column: str = "text"
     keep_columns: list[str] = field(default_factory=list)
@@ -174,6 +179,9 @@ class ScoreConfig:
         _positive("batch_size", self.batch_size)
         _positive("pool_size", self.pool_size)
         _positive("rows_per_file", self.rows_per_file)
+        _positive("unit_rows", self.unit_rows)
+        if self.resume and self.overwrite:
+            raise ConfigError("pass either resume (continue an earlier run) or overwrite (start over), not both")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sentiment_ray.labels import LabelError, normalize_labels
@@ -22,9 +23,9 @@ def is_uri(path: str) -> bool:
 
 
 def resolve_parquet_files(pattern: str) -> list[str]:
-    """A Parquet file, a folder of them, or a glob → sorted absolute paths; URIs pass through to Ray Data."""
+    """A Parquet file, a folder of them, or a glob → sorted absolute paths; a URI (file, folder) → sorted URIs."""
     if is_uri(pattern):
-        return [pattern]
+        return _resolve_uri(pattern)
     expanded = os.path.expanduser(pattern)
     if os.path.isdir(expanded):
         files = sorted(str(p) for p in Path(expanded).rglob("*.parquet") if p.is_file())
@@ -36,20 +37,38 @@ def resolve_parquet_files(pattern: str) -> list[str]:
     return files
 
 
+def _resolve_uri(uri: str) -> list[str]:
+    filesystem, root = pafs.FileSystem.from_uri(uri)
+    scheme = uri.split("://", 1)[0]
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type == pafs.FileType.Directory:
+        found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+        if files:
+            return [f"{scheme}://{f}" for f in files]
+    raise InputError(f"no Parquet files match {uri!r}")
+
+
 def open_parquet(path: str) -> pq.ParquetFile:
     try:
+        if is_uri(path):
+            filesystem, inner = pafs.FileSystem.from_uri(path)
+            return pq.ParquetFile(filesystem.open_input_file(inner))
         return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a bad footer, a short file, a directory ...
         raise InputError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
 
 
-def check_columns(path: str, schema: pa.Schema, columns: dict[str, str]) -> None:
-    """`columns` maps a column name to the role it plays ("text", "id", ...), for the error message."""
+def check_columns(path: str, schema: pa.Schema, columns: dict[str, str], strings_only: bool = True) -> None:
+    """`columns` maps a column name to the role it plays ("text", "id", ...), for the error message.
+    `strings_only=False` lets a non-string text column through (scoring marks its rows instead of failing)."""
     for name, role in columns.items():
         if name not in schema.names:
             raise InputError(f"{path}: no {role} column {name!r} (columns: {schema.names})")
     for name, role in columns.items():
-        if role == "text":
+        if role == "text" and strings_only:
             field_type = schema.field(name).type
             if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
                 raise InputError(f"{path}: {role} column {name!r} must hold strings, found {field_type}")

@@ -8,6 +8,7 @@ for that row alone; only the hidden state of that position meets the LM head, an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,15 @@ from sentiment_ray.prompt import PromptEncoder, PromptSpec
 
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty_text"  # null, empty or whitespace-only text (after cleaning): no score, row kept
+STATUS_NON_STRING = "non_string_text"  # a number, bytes, ... in the text column: no score, row kept
+STATUS_NO_TOKENS = "no_tokens"  # text the tokenizer turns into no tokens at all: no score, row kept
+STATUS_ERROR = "error"  # scoring raised, also when retried alone: no score, the exception in `error`
+ROW_STATUSES = (STATUS_OK, STATUS_EMPTY, STATUS_NON_STRING, STATUS_NO_TOKENS, STATUS_ERROR)
+# Tokenizing is linear in the text, and a multi-megabyte "review" would stall a batch for nothing: text beyond
+# this many characters per budget token can never survive truncation (tokens are far shorter), so it is cut
+# before tokenizing, on the side the truncation policy drops.
+CHARS_PER_TOKEN_BOUND = 64
+ERROR_MESSAGE_CHARS = 500
 
 
 @dataclass
@@ -27,6 +37,16 @@ class BatchScores:
     scores: list[float | None]  # P(positive); None where status != ok
     statuses: list[str]
     truncated: list[bool]
+    errors: list[str | None] | None = None  # the exception of rows with status error
+
+    def __post_init__(self):
+        if self.errors is None:
+            self.errors = [None] * len(self.scores)
+
+    @classmethod
+    def concat(cls, parts: list[BatchScores]) -> BatchScores:
+        return cls([s for p in parts for s in p.scores], [s for p in parts for s in p.statuses],
+                   [t for p in parts for t in p.truncated], [e for p in parts for e in p.errors])
 
     @property
     def label_ids(self) -> list[int | None]:
@@ -137,23 +157,68 @@ class SentimentScorer:
             current.append(row)
         return groups + [current] if current else groups
 
-    def score_texts(self, texts: list[str | None]) -> BatchScores:
+    def _clip_chars(self, text: str) -> str:
+        """Drop characters that cannot survive token truncation, on the side the policy drops (see
+        CHARS_PER_TOKEN_BOUND); the tokens kept are the same as without this cut."""
+        spec = self.encoder.spec
+        limit = (self.encoder.text_budget + 1) * CHARS_PER_TOKEN_BOUND
+        if len(text) <= limit:
+            return text
+        if spec.truncation == "head":
+            return text[:limit]
+        if spec.truncation == "tail":
+            return text[-limit:]
+        head = int(self.encoder.text_budget * spec.head_fraction + 1) * CHARS_PER_TOKEN_BOUND
+        return text[:head] + text[-(limit - head):] if limit > head else text[:head]
+
+    def score_texts(self, texts: list) -> BatchScores:
+        """Scores and a status per row; rows that cannot be scored are marked, never dropped."""
         import torch
 
-        cleaned = self.encoder.clean_texts(texts)
-        scorable = [i for i, t in enumerate(cleaned) if t]
         scores: list[float | None] = [None] * len(texts)
         statuses = [STATUS_EMPTY] * len(texts)
         truncated = [False] * len(texts)
-        if scorable:
-            encoded = self.encoder.encode_prompts([cleaned[i] for i in scorable])
-            for group in self.forward_groups([len(e.input_ids) for e in encoded]):
-                logits = self.label_logits([encoded[j].input_ids for j in group])
-                positive = torch.softmax(logits, dim=-1)[:, 1].cpu().numpy().astype(np.float64)
-                for j, p in zip(group, positive):
-                    i = scorable[j]
-                    scores[i] = float(p)
-                    statuses[i] = STATUS_OK
-                    truncated[i] = encoded[j].truncated
+        cleaned: dict[int, str] = {}
+        for i, text in enumerate(texts):
+            if text is not None and not isinstance(text, str):
+                statuses[i] = STATUS_NON_STRING
+            elif text is not None and (clean := self.encoder.spec.clean(self._clip_chars(text))):
+                cleaned[i] = clean
+        encoded = dict(zip(cleaned, self.encoder.encode_prompts(list(cleaned.values()))))
+        template_tokens = len(self.encoder.prefix_ids) + len(self.encoder.suffix_ids)
+        for i, prompt in list(encoded.items()):
+            if len(prompt.input_ids) == template_tokens:  # the review itself contributed nothing
+                statuses[i] = STATUS_NO_TOKENS
+                del encoded[i]
+        rows = list(encoded)
+        for group in self.forward_groups([len(encoded[i].input_ids) for i in rows]) if rows else []:
+            logits = self.label_logits([encoded[rows[j]].input_ids for j in group])
+            positive = torch.softmax(logits, dim=-1)[:, 1].cpu().numpy().astype(np.float64)
+            for j, p in zip(group, positive):
+                i = rows[j]
+                scores[i] = float(p)
+                statuses[i] = STATUS_OK
+                truncated[i] = encoded[i].truncated or len(texts[i]) > len(self._clip_chars(texts[i]))
         return BatchScores(scores, statuses, truncated)
 
+
+def score_with_retry(score: Callable[[list], BatchScores], texts: list,
+                     on_retry: Callable[[str], None] = print) -> BatchScores:
+    """`score(texts)`, retried once as a whole (a transient failure), then row by row so that only the rows
+    that still raise are lost to scoring: they come back with status `error` and the exception, never dropped."""
+    try:
+        return score(texts)
+    except Exception as first:  # noqa: BLE001 - any failure of one batch must not end a job of millions of rows
+        on_retry(f"[score] batch of {len(texts)} rows failed ({type(first).__name__}: {first}); retrying it")
+    try:
+        return score(texts)
+    except Exception as second:  # noqa: BLE001
+        on_retry(f"[score] batch failed again ({type(second).__name__}: {second}); scoring its rows one by one")
+    rows = []
+    for text in texts:
+        try:
+            rows.append(score([text]))
+        except Exception as exc:  # noqa: BLE001
+            message = f"{type(exc).__name__}: {exc}"[:ERROR_MESSAGE_CHARS]
+            rows.append(BatchScores([None], [STATUS_ERROR], [False], [message]))
+    return BatchScores.concat(rows)

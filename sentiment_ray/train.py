@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from sentiment_ray.config import FinetuneConfig, build_config
-from sentiment_ray.data import load_labeled_hf, load_labeled_parquet, fingerprint
+from sentiment_ray.data import fingerprint, load_labeled_hf, load_labeled_parquet
 from sentiment_ray.outputs import check_output_free, commit, staging_dir
 
 
@@ -52,7 +52,7 @@ def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]
 WARMUP_STEPS_EXCLUDED = 2  # the first steps compile kernels (Unsloth, torch) and warm allocators
 
 
-def _callbacks(timings: dict):
+def _ray_train_metrics_callback():
     from transformers import TrainerCallback
 
     class RayTrainMetricsCallback(TrainerCallback):
@@ -64,6 +64,12 @@ def _callbacks(timings: dict):
             if logs:
                 metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
                 ray.train.report({**metrics, "step": state.global_step})
+
+    return RayTrainMetricsCallback()
+
+
+def _throughput_callback(timings: dict):
+    from transformers import TrainerCallback
 
     class ThroughputCallback(TrainerCallback):
         """Time to the first step, and non-padding tokens/s once the warm-up steps are over."""
@@ -84,26 +90,44 @@ def _callbacks(timings: dict):
                 elapsed = time.perf_counter() - start
                 timings["steady_tokens_per_second"] = round((state.num_input_tokens_seen - tokens) / elapsed, 1)
 
-    return [RayTrainMetricsCallback(), ThroughputCallback()]
+    return ThroughputCallback()
 
 
-def train_worker(loop_config: dict) -> None:
-    """Ray Train worker entry point: build model and data, run SFTTrainer, report the adapter."""
+@dataclasses.dataclass
+class TrainingSetup:
+    """Everything the worker needs around `trainer.train()`: built once, also by benchmarks in-process."""
+
+    trainer: object
+    tokenizer: object
+    encoder: object
+    prompts: list
+    backend: str
+    on_gpu: bool
+    load_seconds: float
+    timings: dict
+
+
+def import_backend_first(cfg: FinetuneConfig) -> str:
+    """Resolve the backend on this process's hardware; Unsloth must be imported before transformers/trl."""
     from sentiment_ray import backends
 
-    cfg: FinetuneConfig = build_config(FinetuneConfig, loop_config["config"])
-    backend_name = backends.resolve_backend(cfg.model.backend)  # here, on the worker that has (or lacks) the GPU
+    backend_name = backends.resolve_backend(cfg.model.backend)
     if backend_name == "unsloth":
         from sentiment_ray.backends.unsloth_backend import _fast_language_model
 
-        _fast_language_model()  # import unsloth before transformers/trl so its patches apply
-    import ray.train
+        _fast_language_model()
+    return backend_name
+
+
+def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work_dir: str,
+                  extra_callbacks: tuple = ()) -> TrainingSetup:
+    """Model + adapter, tokenized prompt/label examples and a TRL `SFTTrainer` over them."""
+    backend_name = import_backend_first(cfg)
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from sentiment_ray import trl_cpu_fallback
-    from sentiment_ray.metadata import AdapterMetadata
+    from sentiment_ray import backends, trl_cpu_fallback
     from sentiment_ray.prompt import PromptEncoder
 
     on_gpu = torch.cuda.is_available() and cfg.ray.use_gpu
@@ -121,14 +145,13 @@ def train_worker(loop_config: dict) -> None:
     )
     load_seconds = time.perf_counter() - load_started
     encoder = PromptEncoder(cfg.prompt, tokenizer)
-    prompts = encoder.encode_prompts(encoder.clean_texts(loop_config["texts"]))
-    examples = [encoder.encode_example(p.input_ids, y) for p, y in zip(prompts, loop_config["labels"])]
+    prompts = encoder.encode_prompts(encoder.clean_texts(texts))
+    examples = [encoder.encode_example(p.input_ids, y) for p, y in zip(prompts, labels)]
     dataset = Dataset.from_dict({
         "input_ids": [e["input_ids"] for e in examples],
         "completion_mask": [e["completion_mask"] for e in examples],
     })
     bf16 = on_gpu and backends.torch_dtype(cfg.model.dtype) == torch.bfloat16
-    work_dir = tempfile.mkdtemp(prefix="sentiment-ray-train-")
     args = SFTConfig(
         output_dir=work_dir,
         per_device_train_batch_size=cfg.train.batch_size,
@@ -144,6 +167,9 @@ def train_worker(loop_config: dict) -> None:
         seed=cfg.train.seed,
         max_length=cfg.prompt.max_length,  # prompts are clipped to fit already; TRL's cut never triggers
         completion_only_loss=True,
+        # Explicit, so Unsloth does not turn padding-free batching on: with torch < 2.12 it runs attention once
+        # per packed review, which made SmolLM2 on an H200 21x slower than padded batches (docs/BENCHMARKS.md).
+        padding_free=False,
         gradient_checkpointing=cfg.train.gradient_checkpointing and backend == "hf",
         bf16=bf16,
         use_cpu=not on_gpu,
@@ -158,8 +184,16 @@ def train_worker(loop_config: dict) -> None:
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=_callbacks(timings),
+        callbacks=[_throughput_callback(timings), *extra_callbacks],
     )
+    return TrainingSetup(trainer, tokenizer, encoder, prompts, backend, on_gpu, load_seconds, timings)
+
+
+def run_training(setup: TrainingSetup) -> dict:
+    """`trainer.train()` and the figures the job reports: loss, steps, tokens/s, first step, peak memory."""
+    import torch
+
+    trainer, prompts, timings = setup.trainer, setup.prompts, setup.timings
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
@@ -172,11 +206,27 @@ def train_worker(loop_config: dict) -> None:
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "steady_tokens_per_second": timings.get("steady_tokens_per_second"),
         "first_step_seconds": timings.get("first_step_seconds"),
-        "model_load_seconds": round(load_seconds, 3),
+        "model_load_seconds": round(setup.load_seconds, 3),
         "truncated_fraction": round(sum(p.truncated for p in prompts) / max(1, len(prompts)), 4),
     }
-    if on_gpu:
+    if setup.on_gpu:
         metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return metrics
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train worker entry point: build model and data, run SFTTrainer, report the adapter."""
+    cfg: FinetuneConfig = build_config(FinetuneConfig, loop_config["config"])
+    import_backend_first(cfg)  # before ray.train pulls in transformers
+    import ray.train
+
+    from sentiment_ray.metadata import AdapterMetadata
+
+    work_dir = tempfile.mkdtemp(prefix="sentiment-ray-train-")
+    setup = build_trainer(cfg, loop_config["texts"], loop_config["labels"], work_dir,
+                          extra_callbacks=(_ray_train_metrics_callback(),))
+    trainer, tokenizer, encoder, backend = setup.trainer, setup.tokenizer, setup.encoder, setup.backend
+    metrics = run_training(setup)
 
     adapter_dir = Path(work_dir) / "adapter"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)

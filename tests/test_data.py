@@ -1,6 +1,11 @@
 import pytest
 
-from sentiment_ray.data import InputError, fingerprint, load_labeled_parquet, resolve_parquet_files
+from sentiment_ray.data import (
+    InputError,
+    fingerprint,
+    load_labeled_parquet,
+    resolve_parquet_files,
+)
 from tests.conftest import write_reviews
 
 
@@ -59,3 +64,16 @@ def test_string_and_int_labels_load_alike(tmp_path):
     tb, lb, _ = load_labeled_parquet(str(b), "text", "label")
     assert la == lb == [1, 0] and fingerprint(ta, la) == fingerprint(tb, lb)
     assert fingerprint(ta, la) != fingerprint(ta, [0, 1])
+
+
+def test_file_uris_are_listed_and_opened(tmp_path):
+    from sentiment_ray.data import open_parquet
+
+    (tmp_path / "sub").mkdir()
+    write_reviews(tmp_path / "a.parquet", ["x"], [1])
+    write_reviews(tmp_path / "sub" / "b.parquet", ["y", "z"], [0, 1])
+    files = resolve_parquet_files(f"file://{tmp_path}")
+    assert files == [f"file://{tmp_path}/a.parquet", f"file://{tmp_path}/sub/b.parquet"]
+    assert open_parquet(files[1]).metadata.num_rows == 2
+    with pytest.raises(InputError, match="no Parquet files match"):
+        resolve_parquet_files(f"file://{tmp_path}/nothing")

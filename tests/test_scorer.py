@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sentiment_ray.config import ModelConfig
 from sentiment_ray.metadata import AdapterError
 from sentiment_ray.scorer import STATUS_EMPTY, STATUS_OK, SentimentScorer
-
 from tests.conftest import RANDOM_ADAPTER_SPEC as SPEC
 
 TEXTS = ["great superb film", "dull.", "the plot was really tedious and the actors awful " * 6, "a",
@@ -95,3 +94,69 @@ def test_length_sorted_forward_groups_respect_the_budget_and_change_nothing(rand
     assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 60 for g in groups)
     assert whole.forward_groups(lengths) == [list(range(len(TEXTS)))]
     assert split.score_texts(TEXTS).scores == pytest.approx(whole.score_texts(TEXTS).scores, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------- bad rows
+
+
+def test_bad_rows_get_a_status_and_no_score(random_adapter):
+    from sentiment_ray.scorer import STATUS_NON_STRING
+
+    scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    result = scorer.score_texts(["good", 7, b"bytes", None, "bad"])
+    assert result.statuses == [STATUS_OK, STATUS_NON_STRING, STATUS_NON_STRING, STATUS_EMPTY, STATUS_OK]
+    assert [s is None for s in result.scores] == [False, True, True, True, False]
+    assert result.errors == [None] * 5
+    assert scorer.score_texts([1, 2]).statuses == [STATUS_NON_STRING] * 2  # a batch with nothing to score
+
+
+def test_text_that_tokenizes_to_nothing_is_marked(random_adapter, monkeypatch):
+    from sentiment_ray.scorer import STATUS_NO_TOKENS
+
+    scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    tokenizer = scorer.encoder.tokenizer
+    real_call = type(tokenizer).__call__
+
+    def drops_the_vanishing_word(self, text, *args, **kwargs):  # a tokenizer whose normalizer removes a text
+        encoded = real_call(self, text, *args, **kwargs)
+        if isinstance(text, list):
+            encoded["input_ids"] = [[] if t.strip() == "vanishing" else ids for t, ids in zip(text, encoded["input_ids"])]
+        return encoded
+
+    monkeypatch.setattr(type(tokenizer), "__call__", drops_the_vanishing_word)
+    result = scorer.score_texts(["good", "vanishing", "bad"])
+    assert result.statuses == [STATUS_OK, STATUS_NO_TOKENS, STATUS_OK] and result.scores[1] is None
+
+
+def test_a_100k_character_review_is_scored_by_the_truncation_policy(random_adapter):
+    """The character cut before tokenizing keeps exactly the tokens that token truncation keeps."""
+    scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    review = "What a start. " + "the middle drags on and on. " * 3600 + "A wonderful ending!"
+    assert len(review) > 100_000
+    result = scorer.score_texts([review])
+    assert result.statuses == [STATUS_OK] and result.truncated == [True]
+    (uncut,) = scorer.encoder.encode_prompts(scorer.encoder.clean_texts([review]))  # no character cut here
+    (cut,) = scorer.encoder.encode_prompts([scorer.encoder.spec.clean(scorer._clip_chars(review))])
+    assert len(scorer._clip_chars(review)) < len(review) and cut.input_ids == uncut.input_ids
+    assert result.scores[0] == pytest.approx(scorer.score_texts([review[:50_000] + review[-50_000:]]).scores[0])
+
+
+def test_a_failing_batch_is_retried_whole_then_row_by_row():
+    from sentiment_ray.scorer import STATUS_ERROR, BatchScores, score_with_retry
+
+    calls = []
+
+    def flaky(texts):  # fails once for everything, then only for "poison"
+        calls.append(list(texts))
+        if len(calls) == 1 or "poison" in texts:
+            raise ValueError("boom")
+        return BatchScores([0.5] * len(texts), [STATUS_OK] * len(texts), [False] * len(texts))
+
+    assert score_with_retry(flaky, ["a", "b"], on_retry=lambda _: None).statuses == [STATUS_OK, STATUS_OK]
+    assert len(calls) == 2  # a transient failure costs one retry of the whole batch
+
+    calls.clear()
+    calls.append("first call already happened")  # from here on only "poison" fails
+    result = score_with_retry(flaky, ["a", "poison", "c"], on_retry=lambda _: None)
+    assert result.statuses == [STATUS_OK, STATUS_ERROR, STATUS_OK]
+    assert result.scores == [0.5, None, 0.5] and result.errors == [None, "ValueError: boom", None]

@@ -55,7 +55,8 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     assert sorted(ids) == sorted(f"r{i}" for i in range(1200))  # every id exactly once
     scores = table.column("score").to_pylist()
     assert all(0.0 <= s <= 1.0 for s in scores)
-    assert table.column_names == ["id", "source", "label", "label_id", "score", "status", "adapter"]
+    assert table.column_names == ["id", "source", "label", "label_id", "score", "status", "adapter", "truncated",
+                                  "error"]
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert {(lab, int(s >= 0.5)) for lab, s in zip(table.column("label").to_pylist(), scores)} <= {
         ("negative", 0), ("positive", 1)}
@@ -63,6 +64,8 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     assert table.column("adapter")[0].as_py().startswith("adapter@")
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["rows_out"] == 1200 and manifest["status_counts"] == {"ok": 1200}
+    assert manifest["rows_scored"] == 1200 and manifest["rows_marked"] == manifest["rows_skipped"] == 0
+    assert not list(tmp_path.glob(".scored.partial"))  # the committed work units were gathered and removed
     assert not list(tmp_path.glob(".scored.tmp-*"))  # the staging folder became the output
     assert len(list(out.glob("*.parquet"))) <= 2  # 1,200 rows in batches of 64: gathered, not 19 tiny files
 
@@ -73,6 +76,7 @@ def test_null_and_empty_text_rows_are_kept_and_marked(adapter_dir, tmp_path):
     summary = run_scoring(_config(adapter_dir, path, out))
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
     assert len(rows) == 5 and summary["status_counts"] == {"ok": 2, "empty_text": 3}
+    assert summary["rows_scored"] == 2 and summary["rows_marked"] == 3
     for key in "bcd":
         assert rows[key]["status"] == "empty_text" and rows[key]["score"] is None and rows[key]["label"] is None
     assert rows["a"]["status"] == rows["e"]["status"] == "ok"
@@ -85,12 +89,18 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(adapter_dir, tm
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_scoring(_config(adapter_dir, path, out))
+    with pytest.raises(OutputExistsError, match="not written by this tool"):
+        run_scoring(_config(adapter_dir, path, out, "resume=true"))
     assert (out / "precious.txt").read_text() == "keep me"
     run_scoring(_config(adapter_dir, path, out, "overwrite=true"))
     assert pq.read_table(out).num_rows == 1 and not (out / "precious.txt").exists()
+    # --resume on a finished output leaves it as it is and reports it
+    before = (out / MANIFEST_FILE).read_text()
+    assert run_scoring(_config(adapter_dir, path, out, "resume=true"))["rows_out"] == 1
+    assert (out / MANIFEST_FILE).read_text() == before
 
 
-@pytest.mark.parametrize("case", ["missing_text", "missing_id", "no_files", "corrupt", "not_strings", "collision"])
+@pytest.mark.parametrize("case", ["missing_text", "missing_id", "no_files", "corrupt", "id_types", "collision"])
 def test_bad_input_fails_before_any_output(adapter_dir, tmp_path, case):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -106,27 +116,28 @@ def test_bad_input_fails_before_any_output(adapter_dir, tmp_path, case):
         pattern, message = str(folder / "nothing-*.parquet"), "no Parquet files match"
     elif case == "corrupt":
         (folder / "broken.parquet").write_bytes(b"PAR1 garbage")
-        message = r"broken\.parquet: not a readable Parquet file"
-    elif case == "not_strings":
-        pq.write_table(pa.table({"id": ["b"], "text": [3]}), folder / "ints.parquet")
-        message = r"ints\.parquet: text column 'text' must hold strings"
+        message = r"broken\.parquet: not a readable Parquet file.*--skip-unreadable-files"
+    elif case == "id_types":
+        pq.write_table(pa.table({"id": [7], "text": ["x"]}), folder / "int-ids.parquet")
+        message = r"int-ids\.parquet: column 'id' is int64 but .*good\.parquet has string"
     elif case == "collision":
         extra, message = ["keep_columns=[score]"], "collide"
     out = tmp_path / "scored"
     with pytest.raises(InputError, match=message):
         run_scoring(_config(adapter_dir, pattern, out, *extra))
-    assert not out.exists() and not list(tmp_path.glob(".scored.tmp-*"))
+    assert not out.exists() and not list(tmp_path.glob(".scored.*"))
 
 
-def test_one_small_file_still_feeds_every_actor(ray_session, tmp_path):
-    """Ray reads a small file as one block; the pool must get one block per batch or one actor does it all."""
-    from sentiment_ray.scoring import read_reviews
+def test_one_small_file_still_feeds_every_actor(tmp_path):
+    """A small file is cut into several work units, so that the second actor of the pool is not left idle."""
+    from sentiment_ray.scoring import rows_per_unit
+    from sentiment_ray.work_units import plan_units
 
     texts, _ = synthetic_reviews(1000, seed=3)
     path = write_reviews(tmp_path / "one.parquet", texts)
     cfg = ScoreConfig(input=str(path), output=str(tmp_path / "o"), batch_size=64, pool_size=2)
-    blocks = read_reviews([str(path)], cfg).materialize()
-    assert blocks.num_blocks() == 16 and blocks.count() == 1000
+    units = plan_units([str(path)], rows_per_unit(cfg, 1000))
+    assert len(units) == 8 and sum(u.rows for u in units) == 1000  # 4 units per actor, in whole batches
 
 
 def test_evaluate_scores_a_labeled_file_in_one_go(adapter_dir, tmp_path, capsys):

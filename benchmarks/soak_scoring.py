@@ -1,0 +1,154 @@
+"""Soak test of the scoring job: N real IMDB reviews (tiled, unique ids), one actor killed and one driver killed.
+
+    python benchmarks/soak_scoring.py --rows 100000 --rows 1000000
+
+For each size: tile IMDB dev into `--files` Parquet files with unique ids, run `sentiment-ray score` (zero-shot,
+the tiny random Mistral, 2 actors) as a subprocess with the actor-exit test hook armed, SIGKILL the driver and
+everything it started once `--kill-at` of the work units are committed, rerun the same command with --resume,
+then check rows in == rows out and 0 duplicate ids. Peak RSS of the driver process and of each scoring actor
+is sampled every 0.5 s with psutil. Prints one table row per size (and writes JSON with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+IMDB_CANDIDATES = [REPO.parent / "shared" / "data" / "imdb" / "dev.parquet", REPO / ".data" / "imdb" / "dev.parquet"]
+ACTOR_TITLE = "ScoringActor"  # Ray names actor processes ray::MapWorker(MapBatches(ScoringActor))
+
+
+def tile_imdb(source: Path, rows: int, files: int, folder: Path, row_group_rows: int) -> None:
+    texts = pq.read_table(source, columns=["text"]).column("text").combine_chunks()
+    per_file = -(-rows // files)
+    for part in range(files):
+        start, stop = part * per_file, min(rows, (part + 1) * per_file)
+        index = pa.array(range(start, stop), pa.int64())
+        table = pa.table({"id": pc.binary_join_element_wise("imdb-", pc.cast(index, pa.string()), ""),
+                          "text": texts.take(pc.remainder(index, len(texts)))})
+        pq.write_table(table, folder / f"part-{part:03d}.parquet", row_group_size=row_group_rows)
+
+
+class RssSampler:
+    """Peak resident memory of the driver process and of the largest scoring actor seen."""
+
+    def __init__(self):
+        self.driver_peak = self.actor_peak = 0
+
+    def sample(self, driver: psutil.Process) -> None:
+        try:
+            self.driver_peak = max(self.driver_peak, driver.memory_info().rss)
+            for child in driver.children(recursive=True):
+                try:
+                    if ACTOR_TITLE in " ".join(child.cmdline()):
+                        self.actor_peak = max(self.actor_peak, child.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+        except psutil.NoSuchProcess:
+            pass
+
+
+def work_folder(output: Path) -> Path:
+    return output.parent / f".{output.name}.partial"
+
+
+def committed_units(output: Path) -> int:
+    return len(list((work_folder(output) / "units").glob("*.parquet")))
+
+
+def planned_units(output: Path) -> int | None:
+    plan = work_folder(output) / "_plan.json"
+    return len(json.loads(plan.read_text())["units"]) if plan.exists() else None
+
+
+def run_score(command: list[str], env: dict, log: Path, sampler: RssSampler, kill_at: float | None) -> tuple[float, bool]:
+    """Run the score command; SIGKILL its process group once `kill_at` of the planned units are committed."""
+    output = Path(command[command.index("--output") + 1])
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=REPO)
+        handle = psutil.Process(process.pid)
+        while process.poll() is None:
+            sampler.sample(handle)
+            total = planned_units(output) if kill_at is not None else None
+            if total and committed_units(output) >= max(1, int(total * kill_at)):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return time.perf_counter() - started, True
+            time.sleep(0.5)
+    if process.returncode != 0:
+        raise RuntimeError(f"score exited {process.returncode}; see {log}")
+    return time.perf_counter() - started, False
+
+
+def soak(rows: int, args, work: Path) -> dict:
+    inputs, output = work / f"in-{rows}", work / f"out-{rows}"
+    inputs.mkdir(parents=True)
+    source = next(p for p in IMDB_CANDIDATES if p.exists())
+    tile_imdb(source, rows, args.files, inputs, args.unit_rows)
+    command = [sys.executable, "-m", "sentiment_ray.cli", "score", "--input", str(inputs), "--output", str(output),
+               "--pool-size", str(args.pool_size), "--batch-size", str(args.batch_size),
+               "model.name_or_path=embedded:tiny-random-mistral", "model.dtype=float32", "num_cpus_per_actor=1",
+               f"unit_rows={args.unit_rows}", "ray.address=local", "ray.num_cpus=3", f"prompt.max_length={args.max_length}"]
+    marker = work / f"actor-killed-{rows}"
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="sr-soak-", dir="/tmp"),
+           "SENTIMENT_RAY_FAULT_ACTOR_EXIT_AFTER_BATCHES": str(args.actor_exit_after_batches),
+           "SENTIMENT_RAY_FAULT_MARKER": str(marker)}
+    env.pop("RAY_ADDRESS", None)
+    sampler = RssSampler()
+    first_s, killed = run_score(command, env, work / f"first-{rows}.log", sampler, args.kill_at)
+    at_kill = committed_units(output)
+    resume_s, _ = run_score([*command, "--resume"], env, work / f"resume-{rows}.log", sampler, None)
+    ids = pads.dataset(output, format="parquet").to_table(columns=["id"]).column("id")
+    manifest = json.loads((output / "_sentiment_ray_manifest.json").read_text())
+    return {
+        "rows_in": rows, "rows_out": len(ids), "duplicate_ids": len(ids) - pc.count_distinct(ids).as_py(),
+        "actor_killed": marker.exists(), "driver_killed": killed, "units": manifest["units"]["total"], "units_committed_at_kill": at_kill,
+        "first_run_s": round(first_s, 1), "resume_run_s": round(resume_s, 1),
+        "rows_per_s": round(rows / (first_s + resume_s), 1),
+        "driver_peak_rss_mb": round(sampler.driver_peak / 2**20), "actor_peak_rss_mb": round(sampler.actor_peak / 2**20),
+        "status_counts": manifest["status_counts"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, action="append", help="repeatable; default 100000")
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--unit-rows", type=int, default=10_000)
+    parser.add_argument("--pool-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=128, help="prompt tokens (the tiny model is the cost floor)")
+    parser.add_argument("--actor-exit-after-batches", type=int, default=40)
+    parser.add_argument("--kill-at", type=float, default=0.4, help="fraction of units committed when the driver dies")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="soak-scoring-"))
+    results = [soak(rows, args, work) for rows in args.rows or [100_000]]
+    columns = ["rows_in", "rows_out", "duplicate_ids", "actor_killed", "driver_killed", "units", "units_committed_at_kill",
+               "first_run_s", "resume_run_s", "rows_per_s", "driver_peak_rss_mb", "actor_peak_rss_mb"]
+    print("  ".join(columns))
+    for result in results:
+        print("  ".join(str(result[c]) for c in columns))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -188,10 +188,11 @@ def check_inputs(cfg: ScoreConfig) -> dict:
     clash = sorted(set(cfg.keep_columns) & (set(PREDICTION_COLUMNS) | {cfg.id_column}))
     if clash:
         raise InputError(f"keep_columns {clash} would collide with the id or prediction columns {list(PREDICTION_COLUMNS)}")
-    files, unreadable, schemas = [], [], {}
+    files, unreadable, schemas, rows_by_file = [], [], {}, {}
     for path in resolve_parquet_files(cfg.input):
         try:
-            schema = open_parquet(path).schema_arrow
+            parquet = open_parquet(path)
+            schema = parquet.schema_arrow
         except InputError as exc:
             if not cfg.skip_unreadable_files:
                 raise InputError(f"{exc}; pass --skip-unreadable-files to skip and report it instead") from None
@@ -202,6 +203,7 @@ def check_inputs(cfg: ScoreConfig) -> dict:
                       strings_only=False)  # a non-string text column is scored as marked rows
         files.append(path)
         schemas[path] = schema
+        rows_by_file[path] = parquet.metadata.num_rows  # from the footer already read, not a second open
     if not files:
         raise InputError(f"no readable Parquet file among {len(unreadable)} matching {cfg.input!r}")
     with_id = [f for f in files if cfg.id_column in schemas[f].names]
@@ -217,13 +219,13 @@ def check_inputs(cfg: ScoreConfig) -> dict:
                                  f"{files[0]} has {first.field(name).type}; all input files must agree")
     id_type = first.field(cfg.id_column).type if with_id else pa.string()
     schema = output_schema(pa.field(cfg.id_column, id_type), [first.field(c) for c in cfg.keep_columns])
-    rows_in = sum(open_parquet(f).metadata.num_rows for f in files)
-    return {"files": files, "unreadable": unreadable, "rows_in": rows_in, "derived_ids": not with_id,
+    return {"files": files, "unreadable": unreadable, "rows_by_file": rows_by_file,
+            "rows_in": sum(rows_by_file.values()), "derived_ids": not with_id,
             "schema": schema}
 
 
-def _file_identity(path: str) -> dict:
-    identity = {"file": path, "rows": open_parquet(path).metadata.num_rows}
+def _file_identity(path: str, rows: int) -> dict:
+    identity = {"file": path, "rows": rows}
     if not is_uri(path):
         stat = os.stat(path)
         identity.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
@@ -241,7 +243,7 @@ def make_plan(cfg: ScoreConfig, inputs: dict, adapter: str | None, model: dict) 
     from sentiment_ray.metadata import adapter_identity
 
     settings = {
-        "inputs": [_file_identity(f) for f in inputs["files"]],
+        "inputs": [_file_identity(f, inputs["rows_by_file"][f]) for f in inputs["files"]],
         "unreadable_files": [u["file"] for u in inputs["unreadable"]],
         "id_column": cfg.id_column, "derived_ids": inputs["derived_ids"], "text_column": cfg.text_column,
         "keep_columns": list(cfg.keep_columns),

@@ -104,9 +104,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     optim: str = "adamw_torch"
     torch_threads: int | None = None  # CPU only; default: the CPUs the worker reserves
+    # A resumable trainer checkpoint (adapter, optimizer, scheduler, RNG, step) every N optimizer steps,
+    # reported to Ray Train so that a restarted worker or a rerun continues from it; 0: none.
+    checkpoint_steps: int = 100
 
     def __post_init__(self):
         _positive("train.batch_size", self.batch_size)
+        if self.checkpoint_steps < 0:
+            raise ConfigError(f"train.checkpoint_steps must be >= 0 (0: no checkpoints), got {self.checkpoint_steps}")
         _positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
         _positive("train.learning_rate", self.learning_rate)
         _positive("train.logging_steps", self.logging_steps)
@@ -123,10 +128,16 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     storage_path: str | None = None  # Ray Train checkpoints; must be shared storage on a multi-node cluster
+    # A rerun with the same run_name and storage_path resumes that run from its latest checkpoint.
     run_name: str | None = None
+    max_failures: int = 2  # training worker failures Ray Train recovers from (from the last checkpoint); -1: any
+    checkpoints_to_keep: int = 2  # in storage_path; the finished adapter is always the latest
 
     def __post_init__(self):
         _positive("ray.cpus_per_worker", self.cpus_per_worker)
+        _positive("ray.checkpoints_to_keep", self.checkpoints_to_keep)
+        if self.max_failures < -1:
+            raise ConfigError(f"ray.max_failures must be >= -1 (-1: no limit), got {self.max_failures}")
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Test hooks that inject failures into a scoring run, so that recovery is proven rather than assumed.
+"""Test hooks that inject failures into a scoring or finetune run, so that recovery is proven rather than assumed.
 
-Read from the environment of the driver (the `score` command) and handed to every actor with its constructor
-arguments, because actors of an already-running Ray do not see variables set after Ray started.
+Read from the environment of the driver (the `score` or `finetune` command) and handed to every actor or
+training worker with its arguments, because processes of an already-running Ray do not see variables set after
+Ray started.
 
 - `SENTIMENT_RAY_FAULT_ACTOR_EXIT_AFTER_BATCHES=N`: an actor kills its own process (`os._exit(1)`, no cleanup,
   as a lost node would) after scoring N batches, in the middle of a work unit. Only once per run: the first
@@ -9,6 +10,9 @@ arguments, because actors of an already-running Ray do not see variables set aft
   actor that finds the marker already there carries on.
 - `SENTIMENT_RAY_FAULT_FAIL_TEXT=word`: scoring a batch that holds a review containing `word` raises, every
   time: the batch retry and row-by-row fallback must then mark exactly that row as `error`.
+- `SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP=N`: the finetune worker kills its own process when optimizer step N
+  ends, before that step's checkpoint is written; once per run, through the same marker (default: a file in the
+  system temp folder named after the Ray Train run).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import asdict, dataclass
 EXIT_AFTER_BATCHES = "SENTIMENT_RAY_FAULT_ACTOR_EXIT_AFTER_BATCHES"
 MARKER = "SENTIMENT_RAY_FAULT_MARKER"
 FAIL_TEXT = "SENTIMENT_RAY_FAULT_FAIL_TEXT"
+TRAIN_EXIT_AT_STEP = "SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP"
 
 
 class InjectedFault(RuntimeError):
@@ -30,13 +35,15 @@ class FaultPlan:
     exit_after_batches: int | None = None
     marker: str | None = None
     fail_text: str | None = None
+    train_exit_at_step: int | None = None
 
     @classmethod
     def from_env(cls, default_marker: str) -> FaultPlan:
-        exit_after = os.environ.get(EXIT_AFTER_BATCHES)
+        exit_after, exit_at_step = os.environ.get(EXIT_AFTER_BATCHES), os.environ.get(TRAIN_EXIT_AT_STEP)
         return cls(exit_after_batches=int(exit_after) if exit_after else None,
                    marker=os.environ.get(MARKER) or default_marker,
-                   fail_text=os.environ.get(FAIL_TEXT) or None)
+                   fail_text=os.environ.get(FAIL_TEXT) or None,
+                   train_exit_at_step=int(exit_at_step) if exit_at_step else None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,11 +53,17 @@ class FaultPlan:
             raise InjectedFault(f"injected failure for a batch holding {self.fail_text!r} ({FAIL_TEXT})")
 
     def maybe_exit(self, batches_done: int) -> None:
-        if self.exit_after_batches is None or batches_done < self.exit_after_batches:
-            return
-        try:  # O_EXCL: exactly one actor incarnation in the whole run wins the right to die
+        if self.exit_after_batches is not None and batches_done >= self.exit_after_batches:
+            self._exit_once(f"[score] fault injection: actor pid {os.getpid()} exits after {batches_done} batches")
+
+    def maybe_exit_training(self, step: int) -> None:
+        if self.train_exit_at_step is not None and step >= self.train_exit_at_step:
+            self._exit_once(f"[finetune] fault injection: training worker pid {os.getpid()} exits at step {step}")
+
+    def _exit_once(self, message: str) -> None:
+        try:  # O_EXCL: exactly one process incarnation in the whole run wins the right to die
             os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-        print(f"[score] fault injection: actor pid {os.getpid()} exits after {batches_done} batches", flush=True)
+        print(message, flush=True)
         os._exit(1)

@@ -2,12 +2,15 @@
 
 The driver loads and checks the data, resolves the model, and starts one worker with the resources from the
 config; the worker tokenizes with the shared `PromptEncoder`, trains on the completion (the label token) only,
-and reports the adapter folder as a Ray Train checkpoint, which the driver copies to `output_dir`.
+and reports the adapter folder as a Ray Train checkpoint, which the driver copies to `output_dir`. Along the
+way it reports resumable trainer checkpoints, so a killed worker or a rerun continues from the latest one
+(sentiment_ray/train_checkpoints.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import shutil
 import tempfile
@@ -74,18 +77,20 @@ def _throughput_callback(timings: dict):
     class ThroughputCallback(TrainerCallback):
         """Time to the first step, and non-padding tokens/s once the warm-up steps are over."""
 
+        # Counted from the step this attempt starts at: a resumed run restores step and tokens seen.
         def on_train_begin(self, args, state, control, **kwargs):
-            timings["begin"] = time.perf_counter()
+            timings.update(begin=time.perf_counter(), start_step=state.global_step,
+                           start_tokens=state.num_input_tokens_seen)
 
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
-            if state.global_step == 1:
+            if state.global_step == timings["start_step"] + 1:
                 timings["first_step_seconds"] = round(now - timings["begin"], 3)
-            if state.global_step == WARMUP_STEPS_EXCLUDED:
+            if state.global_step == timings["start_step"] + WARMUP_STEPS_EXCLUDED:
                 timings["warm"] = (now, state.num_input_tokens_seen)
 
         def on_train_end(self, args, state, control, **kwargs):
-            if "warm" in timings and state.global_step > WARMUP_STEPS_EXCLUDED:
+            if "warm" in timings and state.global_step > timings["start_step"] + WARMUP_STEPS_EXCLUDED:
                 start, tokens = timings.pop("warm")
                 elapsed = time.perf_counter() - start
                 timings["steady_tokens_per_second"] = round((state.num_input_tokens_seen - tokens) / elapsed, 1)
@@ -173,7 +178,9 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
         gradient_checkpointing=cfg.train.gradient_checkpointing and backend == "hf",
         bf16=bf16,
         use_cpu=not on_gpu,
-        save_strategy="no",
+        save_strategy="steps" if cfg.train.checkpoint_steps else "no",
+        save_steps=cfg.train.checkpoint_steps or 500,  # unused without a save strategy
+        save_total_limit=1,  # on the worker's disk; Ray Train keeps its own copies in storage
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -189,21 +196,32 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
     return TrainingSetup(trainer, tokenizer, encoder, prompts, backend, on_gpu, load_seconds, timings)
 
 
-def run_training(setup: TrainingSetup) -> dict:
-    """`trainer.train()` and the figures the job reports: loss, steps, tokens/s, first step, peak memory."""
+def run_training(setup: TrainingSetup, resume_from: Path | None = None) -> dict:
+    """`trainer.train()` and the figures the job reports: loss, steps, tokens/s, first step, peak memory.
+
+    With `resume_from` (a trainer checkpoint folder) the Trainer restores adapter, optimizer, scheduler, RNG and
+    step, and skips the batches already trained on; the time and token figures then cover this attempt only.
+    """
     import torch
+
+    from sentiment_ray.train_checkpoints import checkpoint_step
 
     trainer, prompts, timings = setup.trainer, setup.prompts, setup.timings
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     tokens = trainer.state.num_input_tokens_seen
+    tokens_this_attempt = tokens - timings.get("start_tokens", 0)
+    steps, start_step = trainer.state.global_step, timings.get("start_step", 0)
+    # The Trainer divides the loss summed over this attempt by all steps; rescale to this attempt's mean.
+    train_loss = round(float(output.training_loss) * steps / (steps - start_step), 6) if steps > start_step else None
     metrics = {
-        "train_loss": float(output.training_loss),
+        "train_loss": train_loss,
         "steps": int(trainer.state.global_step),
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else 0,
         "train_seconds": round(seconds, 3),
         "non_padding_tokens": int(tokens),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "tokens_per_second": round(tokens_this_attempt / seconds, 1) if seconds else None,
         "steady_tokens_per_second": timings.get("steady_tokens_per_second"),
         "first_step_seconds": timings.get("first_step_seconds"),
         "model_load_seconds": round(setup.load_seconds, 3),
@@ -215,18 +233,37 @@ def run_training(setup: TrainingSetup) -> dict:
 
 
 def train_worker(loop_config: dict) -> None:
-    """Ray Train worker entry point: build model and data, run SFTTrainer, report the adapter."""
+    """Ray Train worker entry point: build model and data, run SFTTrainer (resuming when Ray Train holds a
+    checkpoint of this run), report the adapter."""
     cfg: FinetuneConfig = build_config(FinetuneConfig, loop_config["config"])
     import_backend_first(cfg)  # before ray.train pulls in transformers
     import ray.train
 
-    from sentiment_ray.metadata import AdapterMetadata
+    from sentiment_ray import train_checkpoints
+    from sentiment_ray.faults import FaultPlan
+    from sentiment_ray.metadata import METADATA_FILE, AdapterMetadata
 
     work_dir = tempfile.mkdtemp(prefix="sentiment-ray-train-")
-    setup = build_trainer(cfg, loop_config["texts"], loop_config["labels"], work_dir,
-                          extra_callbacks=(_ray_train_metrics_callback(),))
+    restored = train_checkpoints.restore_latest(work_dir)
+    if restored is not None and (restored / METADATA_FILE).exists():
+        # The run had finished and reported its adapter before the failure: hand that back, train nothing.
+        print("[finetune] the run's latest checkpoint is the finished adapter; reporting it again", flush=True)
+        metrics = json.loads((restored / METADATA_FILE).read_text())["metrics"]
+        ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(restored),
+                         checkpoint_dir_name="adapter")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return
+    if restored is not None:
+        print(f"[finetune] resuming from the checkpoint of step {train_checkpoints.checkpoint_step(restored)}",
+              flush=True)
+    callbacks = [_ray_train_metrics_callback(), train_checkpoints.report_checkpoints_callback()]
+    faults = FaultPlan(**loop_config.get("faults", {}))
+    if faults.train_exit_at_step is not None:
+        callbacks.append(train_checkpoints.fault_callback(faults))
+    setup = build_trainer(cfg, loop_config["texts"], loop_config["labels"], str(Path(work_dir) / "trainer"),
+                          extra_callbacks=tuple(callbacks))
     trainer, tokenizer, encoder, backend = setup.trainer, setup.tokenizer, setup.encoder, setup.backend
-    metrics = run_training(setup)
+    metrics = run_training(setup, resume_from=restored)
 
     adapter_dir = Path(work_dir) / "adapter"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
@@ -241,7 +278,8 @@ def train_worker(loop_config: dict) -> None:
         training={**dataclasses.asdict(cfg.train), "model": dataclasses.asdict(cfg.model)},
         metrics=metrics,
     ).write(adapter_dir)
-    ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(adapter_dir))
+    ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(adapter_dir),
+                     checkpoint_dir_name="adapter")
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -250,12 +288,13 @@ def train_worker(loop_config: dict) -> None:
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Train an adapter on a Ray cluster (started locally when none is running); returns its metadata dict."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sentiment_ray import backends
+    from sentiment_ray import backends, faults
     from sentiment_ray.metadata import read_metadata
     from sentiment_ray.ray_cluster import ensure_ray
+    from sentiment_ray.train_checkpoints import claim_run, run_identity
 
     final = check_output_free(cfg.output_dir, cfg.overwrite)
     texts, labels, data_info = load_training_rows(cfg)
@@ -271,6 +310,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     storage = cfg.ray.storage_path
     if storage and "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
+    run_config = RunConfig(
+        name=cfg.ray.run_name or f"sentiment-ray-finetune-{int(time.time())}",
+        storage_path=storage,
+        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+    )
+    if claim_run(run_config.storage_path, run_config.name, run_identity(cfg, data_info["fingerprint"])):
+        print(f"[finetune] run {run_config.name} exists in {run_config.storage_path}: resuming from its latest "
+              "checkpoint", flush=True)
+    fault_plan = faults.FaultPlan.from_env(str(Path(tempfile.gettempdir()) / f"sentiment-ray-fault-{run_config.name}"))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -278,9 +327,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             "texts": texts,
             "labels": labels,
             "data_info": data_info,
+            "faults": fault_plan.to_dict(),
         },
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.ray.run_name or f"sentiment-ray-finetune-{int(time.time())}", storage_path=storage),
+        run_config=run_config,
     )
     started = time.perf_counter()
     result = trainer.fit()
@@ -296,7 +346,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     wall = time.perf_counter() - started
     print(
         f"[finetune] adapter written to {final}: {metadata.metrics['steps']} steps, "
-        f"loss {metadata.metrics['train_loss']:.4f}, {wall:.1f} s wall (Ray Train included)",
+        f"loss {metadata.metrics['train_loss']}, {wall:.1f} s wall (Ray Train included)",
         flush=True,
     )
     return {**metadata.to_dict(), "adapter_dir": str(final), "wall_seconds": round(wall, 2)}

@@ -49,6 +49,9 @@ def _write(tmp_path, text):
     ("output_dir: a\ndata: {train: x}\n", ["prompt.template=no slot"], r"exactly once"),
     ("output_dir: a\ndata: {train: x}\n", ["train.epochs"], r"section\.key=value"),
     ("- a list\n", [], r"top level must be a mapping"),
+    ("output_dir: a\ndata: {train: x}\n", ["train.checkpoint_steps=-1"], r"train\.checkpoint_steps must be >= 0"),
+    ("output_dir: a\ndata: {train: x}\n", ["ray.max_failures=-2"], r"ray\.max_failures must be >= -1"),
+    ("output_dir: a\ndata: {train: x}\n", ["ray.checkpoints_to_keep=0"], r"ray\.checkpoints_to_keep must be > 0"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, yaml_text, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -55,6 +55,10 @@ def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int
         bias="none",
         task_type="CAUSAL_LM",
     )
+    # The LoRA A matrices start random: seeded, so a run (and a resumed run's reference) is reproducible.
+    from transformers import set_seed
+
+    set_seed(seed)
     return get_peft_model(base, peft_config), tokenizer
 
 

@@ -1,0 +1,116 @@
+"""Resumable finetuning: trainer checkpoints go to Ray Train, and a restarted worker continues from the latest.
+
+Every `train.checkpoint_steps` optimizer steps the HF Trainer writes `checkpoint-N` (adapter weights in
+safetensors, optimizer, scheduler, RNG states, step and tokens seen); `ReportCheckpointsToRay` reports that
+folder to Ray Train, which copies it to `ray.storage_path`. When the worker dies, Ray Train restarts it
+(`ray.max_failures`) and `ray.train.get_checkpoint()` hands back the latest folder, from which
+`trainer.train(resume_from_checkpoint=...)` restores everything and skips the batches already seen, so the run
+ends with the planned number of steps. A rerun of the job with the same `ray.run_name` and `ray.storage_path`
+(after the driver died) resumes the same way: Ray Train V2 reloads the run's checkpoint list from storage.
+
+A checkpoint is only resumed by a run that would have produced it: same data fingerprint, model, LoRA,
+prompt and training settings. The driver records that identity beside the run in storage and refuses a
+mismatching rerun before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from sentiment_ray.config import ConfigError, FinetuneConfig
+
+RUN_IDENTITY_FILE = "sentiment_ray_run.json"
+# Settings that change how the run reports or how fast it goes, never what it computes.
+_NOT_IDENTITY = {"logging_steps", "torch_threads", "checkpoint_steps"}
+
+
+class ResumeMismatchError(ConfigError):
+    pass
+
+
+def run_identity(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
+    """What a checkpoint depends on: resuming it under any other value would train a different adapter."""
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in {"backend", "device"}}
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IDENTITY}
+    identity = {"data_fingerprint": data_fingerprint, "model": model, "lora": dataclasses.asdict(cfg.lora),
+                "prompt": dataclasses.asdict(cfg.prompt), "train": train}
+    return json.loads(json.dumps(identity))  # as read back from storage: tuples become lists
+
+
+def _storage(storage_path: str):
+    import pyarrow.fs
+
+    if "://" in storage_path:
+        return pyarrow.fs.FileSystem.from_uri(storage_path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
+
+
+def claim_run(storage_path: str, run_name: str, identity: dict) -> bool:
+    """Record this run's identity in storage; True when the run already exists there (a rerun that resumes).
+
+    Raises ResumeMismatchError, naming the file and the differing settings, when a run of that name was
+    started with other data or settings.
+    """
+    import pyarrow.fs
+
+    fs, root = _storage(storage_path)
+    path = f"{root.rstrip('/')}/{run_name}/{RUN_IDENTITY_FILE}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(path) as stream:
+            recorded = json.loads(stream.read())
+        if recorded != identity:
+            differing = sorted(k for k in identity if recorded.get(k) != identity[k])
+            raise ResumeMismatchError(
+                f"Ray Train run {run_name!r} in {storage_path} was started with other {', '.join(differing)} "
+                f"(recorded in {path}); resuming it would mix two trainings. Choose another ray.run_name, "
+                "or delete that run folder to start over.")
+        return True
+    fs.create_dir(f"{root.rstrip('/')}/{run_name}", recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(json.dumps(identity, indent=2, sort_keys=True).encode())
+    return False
+
+
+def report_checkpoints_callback():
+    """A TrainerCallback that reports each `checkpoint-N` the Trainer saves to Ray Train."""
+    from transformers import TrainerCallback
+
+    class ReportCheckpointsToRay(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            import ray.train
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ray.train.report({"step": state.global_step, "checkpoint_kind": "trainer"},
+                             checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=f"trainer-step-{state.global_step:08d}")
+
+    return ReportCheckpointsToRay()
+
+
+def fault_callback(plan):
+    """A TrainerCallback running the `SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP` hook (sentiment_ray/faults.py)."""
+    from transformers import TrainerCallback
+
+    class InjectTrainingFault(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            plan.maybe_exit_training(state.global_step)
+
+    return InjectTrainingFault()
+
+
+def restore_latest(work_dir: str) -> Path | None:
+    """The latest checkpoint Ray Train holds for this run, copied to a local folder; None on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    local = Path(work_dir) / "restored-checkpoint"
+    checkpoint.to_directory(str(local))
+    return local
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])

@@ -10,7 +10,6 @@ way it reports resumable trainer checkpoints, so a killed worker or a rerun cont
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import shutil
 import tempfile
@@ -204,21 +203,19 @@ def run_training(setup: TrainingSetup, resume_from: Path | None = None) -> dict:
     """
     import torch
 
-    from sentiment_ray.train_checkpoints import checkpoint_step
-
     trainer, prompts, timings = setup.trainer, setup.prompts, setup.timings
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     tokens = trainer.state.num_input_tokens_seen
-    tokens_this_attempt = tokens - timings.get("start_tokens", 0)
-    steps, start_step = trainer.state.global_step, timings.get("start_step", 0)
+    tokens_this_attempt = tokens - timings["start_tokens"]
+    steps, start_step = trainer.state.global_step, timings["start_step"]  # restored before on_train_begin
     # The Trainer divides the loss summed over this attempt by all steps; rescale to this attempt's mean.
     train_loss = round(float(output.training_loss) * steps / (steps - start_step), 6) if steps > start_step else None
     metrics = {
         "train_loss": train_loss,
-        "steps": int(trainer.state.global_step),
-        "resumed_from_step": checkpoint_step(resume_from) if resume_from else 0,
+        "steps": int(steps),
+        "resumed_from_step": int(start_step),
         "train_seconds": round(seconds, 3),
         "non_padding_tokens": int(tokens),
         "tokens_per_second": round(tokens_this_attempt / seconds, 1) if seconds else None,
@@ -241,14 +238,14 @@ def train_worker(loop_config: dict) -> None:
 
     from sentiment_ray import train_checkpoints
     from sentiment_ray.faults import FaultPlan
-    from sentiment_ray.metadata import METADATA_FILE, AdapterMetadata
+    from sentiment_ray.metadata import METADATA_FILE, AdapterMetadata, read_metadata
 
     work_dir = tempfile.mkdtemp(prefix="sentiment-ray-train-")
     restored = train_checkpoints.restore_latest(work_dir)
     if restored is not None and (restored / METADATA_FILE).exists():
         # The run had finished and reported its adapter before the failure: hand that back, train nothing.
         print("[finetune] the run's latest checkpoint is the finished adapter; reporting it again", flush=True)
-        metrics = json.loads((restored / METADATA_FILE).read_text())["metrics"]
+        metrics = read_metadata(restored).metrics
         ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(restored),
                          checkpoint_dir_name="adapter")
         shutil.rmtree(work_dir, ignore_errors=True)

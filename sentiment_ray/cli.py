@@ -11,13 +11,21 @@ import json
 import sys
 
 from sentiment_ray.config import ConfigError, FinetuneConfig, ScoreConfig, load_config
-from sentiment_ray.data import InputError
+from sentiment_ray.data import InputError, one_line
 from sentiment_ray.labels import LabelError
 from sentiment_ray.metadata import AdapterError
 from sentiment_ray.prompt import PromptError
 
-# OutputExistsError is a FileExistsError, as is evaluate's refusal to replace metrics.json.
-USER_ERRORS = (ConfigError, InputError, LabelError, AdapterError, FileExistsError, PromptError, FileNotFoundError)
+# OutputExistsError (an output that exists, is not ours, overlaps an input, is locked or unwritable) is a FileExistsError.
+# Errors about paths the user named (a folder that cannot be read or written, a file where a folder belongs) too.
+USER_ERRORS = (ConfigError, InputError, LabelError, AdapterError, FileExistsError, PromptError, FileNotFoundError,
+               PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def _flag_override(key: str, value) -> str:
+    """A flag's value as an override, quoted: overrides are YAML, where a path such as `~`, `null` or `yes`
+    would otherwise turn into null or a boolean."""
+    return f"{key}={json.dumps(value)}"
 
 
 def _score_overrides(args) -> list[str]:
@@ -31,7 +39,7 @@ def _score_overrides(args) -> list[str]:
         "pool_size": args.pool_size,
         "batch_size": args.batch_size,
     }
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = [_flag_override(k, v) for k, v in flags.items() if v is not None]
     if args.keep_columns is not None:
         overrides.append(f"keep_columns={json.dumps([c for c in args.keep_columns.split(',') if c])}")
     if args.overwrite:
@@ -62,7 +70,7 @@ def cmd_finetune(args) -> int:
 
     overrides = list(args.overrides)
     if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
+        overrides.append(_flag_override("output_dir", args.output_dir))
     if args.overwrite:
         overrides.append("overwrite=true")
     cfg = load_config(FinetuneConfig, args.config, overrides)
@@ -83,29 +91,29 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pathlib import Path
+    from sentiment_ray.evaluate import SCORED_DIR, check_evaluation, format_metrics, write_evaluation
+    from sentiment_ray.storage import location
 
-    from sentiment_ray.evaluate import evaluate, format_metrics
-    from sentiment_ray.outputs import check_output_free
-
-    out_dir = Path(args.output)
     scored = args.scored
-    labels = args.labels
-    if scored is None:
-        # Score the labeled file first, into <output>/scored, then evaluate that.
-        from sentiment_ray.scoring import run_scoring
-
-        if not args.input:
-            raise ConfigError("evaluate needs --scored (a scored folder) or --input (a labeled file to score)")
-        check_output_free(out_dir, args.overwrite)
-        args.output = str(out_dir / "scored")
-        cfg = load_config(ScoreConfig, args.config, _score_overrides(args))
-        scored = run_scoring(cfg)["output"]
-        labels = labels or args.input
+    labels = args.labels or (args.input if scored is None else None)
+    if scored is None and not args.input:
+        raise ConfigError("evaluate needs --scored (a scored folder) or --input (a labeled file to score)")
     if not labels:
         raise ConfigError("evaluate needs --labels (Parquet with the true labels) to go with --scored")
-    metrics = evaluate(scored, labels, out_dir, id_column=args.id_column or "id", label_column=args.label_column,
-                       threshold=args.threshold, overwrite=args.overwrite)
+    score_cfg = None
+    if scored is None:
+        # Score the labeled file first, into <output>/scored, then evaluate that.
+        score_args = argparse.Namespace(**{**vars(args), "output": location(args.output).join(SCORED_DIR).uri})
+        score_cfg = load_config(ScoreConfig, args.config, _score_overrides(score_args))
+    # Every refusal (threshold, output rules) before any scoring starts.
+    out_dir = check_evaluation(args.output, overwrite=args.overwrite, threshold=args.threshold,
+                               inputs={"--scored": scored, "--labels": args.labels, "--input": args.input})
+    if score_cfg is not None:
+        from sentiment_ray.scoring import run_scoring
+
+        scored = run_scoring(score_cfg)["output"]
+    metrics = write_evaluation(scored, labels, out_dir, id_column=args.id_column or "id",
+                               label_column=args.label_column, threshold=args.threshold)
     print(format_metrics(metrics))
     print(f"metrics and plots written to {out_dir}")
     return 0
@@ -119,11 +127,23 @@ def cmd_predict(args) -> int:
         raise ConfigError("predict needs --adapter DIR (or --zero-shot to use the base model alone)")
     model = ModelConfig(name_or_path=args.base_model or "")
     for p in predict(args.texts, args.adapter, model=model):
+        text = _printable(p.text)
         if p.label is None:
-            print(f"{'-':>8}  {'':>6}  ({p.status})  {p.text}")
+            reason = f"{p.status}: {_printable(p.error)}" if p.error else p.status
+            print(f"{'-':>8}  {'':>6}  ({reason})  {text}")
         else:
-            print(f"{p.label:>8}  {p.probability:6.4f}  P(positive)={p.score:.4f}  {p.text}")
+            print(f"{p.label:>8}  {p.probability:6.4f}  P(positive)={p.score:.4f}  {text}")
     return 0
+
+
+def _printable(text: str) -> str:
+    """One line that any stdout can print: invalid bytes from argv (surrogate-escaped) shown as \\xff, line
+    breaks as \\n, so each text stays on its own line."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def cmd_demo(args) -> int:
@@ -187,13 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _interrupted_hint(args) -> str:
+    """What a user can do after Ctrl-C: the jobs keep their committed work, the other commands have none."""
+    if args.command == "score" or (args.command == "evaluate" and not args.scored):
+        return "; the work units committed so far are kept: rerun the same command with --resume to continue"
+    if args.command == "finetune":
+        return ("; rerun with the same ray.run_name and ray.storage_path to continue from the last checkpoint "
+                "(without ray.run_name the run starts over)")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
-        print(f"sentiment-ray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"sentiment-ray {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"sentiment-ray {args.command}: interrupted{_interrupted_hint(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

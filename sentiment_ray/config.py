@@ -168,9 +168,11 @@ class ScoreConfig:
     # Small inputs are cut finer so that every actor gets work.
     unit_rows: int = 10_000
     skip_unreadable_files: bool = False  # report and skip unreadable Parquet instead of failing the job
-    id_column: str = "id"
+    # None: the input's "id" column when the files have one, else ids derived as `<file key>:<row index>` into a
+    # column named "id". A name set here must be a column of every input file (a typo is an error, not derived ids).
+    id_column: str | None = None
     text_column: str = "text"
-    keep_columns: list[str] = field(default_factory=list)
+    keep_columns: list[str] = field(default_factory=list)  # input columns copied to the output (text included)
     batch_size: int = 32  # rows per Ray Data batch
     # None: one forward pass per batch. A number: each batch is sorted by length and cut into forward passes
     # of at most this many padded tokens (less padding; bounded activation memory).

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sentiment_ray.labels import LabelError, normalize_labels
@@ -19,46 +18,101 @@ class InputError(ValueError):
 
 
 def is_uri(path: str) -> bool:
-    return "://" in path
+    from sentiment_ray import storage  # storage's errors are InputErrors: it imports this module
+
+    return storage.is_uri(path)
 
 
 def resolve_parquet_files(pattern: str) -> list[str]:
-    """A Parquet file, a folder of them, or a glob → sorted absolute paths; a URI (file, folder) → sorted URIs."""
+    """A Parquet file, a folder of them, or a glob → sorted absolute paths; a URI (file, folder) → sorted URIs.
+
+    A folder contributes its `*.parquet` files at any depth, except those under a name starting with `_` or `.`
+    (the convention of pyarrow datasets): an earlier output's manifest, this tool's hidden `.X.partial` and
+    staging folders are never read as reviews. A glob gives the `.parquet` files and the folders it matches,
+    the same names skipped unless the pattern spells them out (`_*.parquet`, `.cache/*.parquet`); a plain path
+    names its file whatever its suffix."""
     if is_uri(pattern):
         return _resolve_uri(pattern)
     expanded = os.path.expanduser(pattern)
     if os.path.isdir(expanded):
-        files = sorted(str(p) for p in Path(expanded).rglob("*.parquet") if p.is_file())
+        files = _folder_parquet_files(expanded)
+    elif glob.has_magic(expanded):
+        files = []
+        for match in sorted(glob.glob(expanded, recursive=True)):
+            if not _spelled_out(expanded, match):
+                continue
+            if os.path.isdir(match):
+                files += _folder_parquet_files(match)
+            elif match.endswith(".parquet"):
+                files.append(match)
     else:
-        files = sorted(glob.glob(expanded, recursive=True))
-    files = [os.path.abspath(f) for f in files if os.path.isfile(f)]
+        files = [expanded] if os.path.isfile(expanded) else []
+    files = sorted({os.path.abspath(f) for f in files if os.path.isfile(f)})
     if not files:
         raise InputError(f"no Parquet files match {pattern!r}")
     return files
 
 
+def _is_data_name(name: str) -> bool:
+    return not name.startswith(("_", "."))
+
+
+def _spelled_out(pattern: str, match: str) -> bool:
+    """False when the wildcards of `pattern` reached a `_`/`.` name that the pattern does not ask for by its first
+    character, as `*` does not ask for `_scored` (Python's glob already treats `.` names so)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    asked = {part[0] for part in parts[fixed:] if part[:1] in ("_", ".")}
+    return all(part[0] in asked for part in Path(match).parts[fixed:] if not _is_data_name(part))
+
+
+def _folder_parquet_files(folder: str) -> list[str]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if _is_data_name(d)]
+        files += [os.path.join(root, n) for n in names if n.endswith(".parquet") and _is_data_name(n)]
+    return files
+
+
 def _resolve_uri(uri: str) -> list[str]:
-    filesystem, root = pafs.FileSystem.from_uri(uri)
-    scheme = uri.split("://", 1)[0]
-    info = filesystem.get_file_info(root)
-    if info.type == pafs.FileType.File:
+    from sentiment_ray.storage import location
+
+    root = location(uri)
+    if root.is_file():
         return [uri]
-    if info.type == pafs.FileType.Directory:
-        found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
-        if files:
-            return [f"{scheme}://{f}" for f in files]
+    scheme = uri.split("://", 1)[0]  # file:// inputs stay file:// URIs
+    files = [f"{scheme}://{f.path}" for f in root.list_files() if f.name.endswith(".parquet")
+             and all(_is_data_name(part) for part in f.relative_to(root).split("/"))]
+    if files:
+        return files
     raise InputError(f"no Parquet files match {uri!r}")
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
     try:
         if is_uri(path):
-            filesystem, inner = pafs.FileSystem.from_uri(path)
-            return pq.ParquetFile(filesystem.open_input_file(inner))
+            from sentiment_ray.storage import location
+
+            return pq.ParquetFile(location(path).open_input())
         return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a bad footer, a short file, a directory ...
-        raise InputError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {one_line(exc)})") from None
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (pyarrow's span several)."""
+    return " ".join(str(exc).split())
+
+
+def read_checked(path: str, columns: dict[str, str], all_columns: bool = False, strings_only: bool = True) -> pa.Table:
+    """The columns of one Parquet file that `columns` names (all of the file's with `all_columns`), after
+    checking that they are there (see check_columns); every failure names the file."""
+    parquet = open_parquet(path)
+    check_columns(path, parquet.schema_arrow, columns, strings_only=strings_only)
+    try:
+        return parquet.read(columns=None if all_columns else list(columns))
+    except Exception as exc:  # damaged pages: pyarrow raises OSError, ArrowInvalid, ...
+        raise InputError(f"{path}: could not read ({type(exc).__name__}: {one_line(exc)})") from None
 
 
 def check_columns(path: str, schema: pa.Schema, columns: dict[str, str], strings_only: bool = True) -> None:
@@ -89,16 +143,78 @@ def fingerprint(texts: list[str], labels: list[int]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _validated_rows(table: pa.Table, source: str, text_column: str, label_column: str) -> tuple[list[str], list[int]]:
-    texts = table.column(text_column).to_pylist()
+def utf8_problem(text: str) -> str | None:
+    """Why `text` cannot be encoded as UTF-8, naming the invalid byte (for surrogate-escaped bytes) or the lone
+    surrogate; None when it can. The tokenizer would raise on such text, for the whole batch."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        problem = f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    try:  # surrogate-escaped bytes: name the original byte and its offset
+        text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8 byte 0x{exc.object[exc.start]:02x} at byte {exc.start}"
+    return problem
+
+
+def _unvalidated_type(arrow_type: pa.DataType) -> pa.DataType | None:
+    """The binary type a string (or binary) column is read through, so that pyarrow never validates UTF-8."""
+    if pa.types.is_dictionary(arrow_type):
+        return _unvalidated_type(arrow_type.value_type)
+    if pa.types.is_string(arrow_type) or pa.types.is_binary(arrow_type):
+        return pa.binary()
+    if pa.types.is_large_string(arrow_type) or pa.types.is_large_binary(arrow_type):
+        return pa.large_binary()
+    if pa.types.is_string_view(arrow_type) or pa.types.is_binary_view(arrow_type):
+        return pa.binary_view()
+    return None
+
+
+def text_values(column: pa.Array | pa.ChunkedArray) -> list:
+    """A text column as Python values for `score_texts`, with one bad cell costing only its row: pyarrow's
+    `to_pylist` raises on the first invalid UTF-8 value of a string column, so string and binary columns are
+    read as bytes (a zero-copy cast, no validation) and decoded with `surrogateescape`; `score_texts` marks the
+    rows that hold escaped bytes `invalid_utf8`. Other types come out as they are (`non_string_text`)."""
+    binary = _unvalidated_type(column.type)
+    if binary is None:
+        return column.to_pylist()
+    return [None if v is None else v.decode("utf-8", "surrogateescape") for v in column.cast(binary).to_pylist()]
+
+
+def column_values(table: pa.Table, name: str, source: str) -> list:
+    """A column as Python values; a string cell holding invalid UTF-8 is an InputError naming the file, column
+    and row (pyarrow's own conversion fails on such a cell without saying which row it is)."""
+    column = table.column(name)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column.to_pylist()
+    values = text_values(column)
+    for row, value in enumerate(values):
+        if value is not None and (problem := utf8_problem(value)):
+            raise InputError(f"{source}: column {name!r} row {row}: {problem}; fix or drop such rows first")
+    return values
+
+
+def _texts(table: pa.Table, source: str, text_column: str) -> list[str]:
+    texts = column_values(table, text_column, source)
     for row, text in enumerate(texts):
-        if text is None or not str(text).strip():
+        if text is None or not text.strip():
             raise InputError(
                 f"{source}: column {text_column!r} row {row} is {'null' if text is None else 'empty'}; "
                 "training needs text in every row (drop or fix such rows first)"
             )
+    return texts
+
+
+def _validated_rows(table: pa.Table, source: str, text_column: str, label_column: str) -> tuple[list[str], list[int]]:
+    texts = _texts(table, source, text_column)
     try:
-        labels = normalize_labels(table.column(label_column).to_pylist(), where=f"{source}: column {label_column!r}")
+        labels = normalize_labels(column_values(table, label_column, source),
+                                  where=f"{source}: column {label_column!r}")
     except LabelError as exc:
         raise InputError(str(exc)) from None
     return texts, labels
@@ -109,12 +225,7 @@ def load_labeled_parquet(pattern: str, text_column: str, label_column: str) -> t
     texts, labels = [], []
     files = resolve_parquet_files(pattern)
     for path in files:
-        parquet = open_parquet(path)
-        check_columns(path, parquet.schema_arrow, {text_column: "text", label_column: "label"})
-        try:
-            table = parquet.read(columns=[text_column, label_column])
-        except Exception as exc:
-            raise InputError(f"{path}: could not read ({type(exc).__name__}: {exc})") from None
+        table = read_checked(path, {text_column: "text", label_column: "label"})
         file_texts, file_labels = _validated_rows(table, path, text_column, label_column)
         texts += file_texts
         labels += file_labels

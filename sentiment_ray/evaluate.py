@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import math
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from sentiment_ray.config import ConfigError
+from sentiment_ray.data import InputError, column_values, one_line, read_checked, resolve_parquet_files
 from sentiment_ray.labels import CLASS_NAMES, normalize_labels
+from sentiment_ray.outputs import check_output_location_free, refuse_overlap, upload_output
+from sentiment_ray.storage import Location, location
 
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "metrics.json"  # also marks a folder as an evaluation output that --overwrite may replace
 CONFUSION_PLOT = "confusion_matrix.png"
 HISTOGRAM_PLOT = "score_histogram.png"
+SCORED_DIR = "scored"  # where `evaluate --input` scores into, inside its output folder
+IDS_SHOWN = 5  # ids quoted in an error; the count says how many there are
 
 
 def compute_metrics(y_true, scores, threshold: float = 0.5) -> dict:
@@ -28,7 +34,7 @@ def compute_metrics(y_true, scores, threshold: float = 0.5) -> dict:
     if y_true.shape != scores.shape:
         raise ValueError(f"y_true has {y_true.size} values but scores has {scores.size}")
     if y_true.size == 0:
-        raise ValueError("no scored rows to evaluate")
+        raise InputError("no scored rows to evaluate")
     y_pred = (scores >= threshold).astype(np.int64)
     (tn, fp), (fn, tp) = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
     both_classes = np.unique(y_true).size == 2
@@ -45,91 +51,68 @@ def compute_metrics(y_true, scores, threshold: float = 0.5) -> dict:
     }
 
 
-def _parquet_files(path) -> list[Path]:
-    """The Parquet files named by a file, a folder (recursively) or a glob."""
-    text = str(path)
-    if any(ch in text for ch in "*?["):
-        matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-        files = [f for m in matches for f in (_folder_files(m) if m.is_dir() else [m])]
-        files = [f for f in files if f.suffix == ".parquet"]
-    else:
-        p = Path(path)
-        files = _folder_files(p) if p.is_dir() else ([p] if p.is_file() else [])
-    if not files:
-        raise FileNotFoundError(f"no Parquet files found at {text}")
-    return files
-
-
-def _folder_files(folder: Path) -> list[Path]:
-    # Like pyarrow datasets, skip "_"/"." files (manifests, _SUCCESS markers, hidden temp files).
-    return sorted(f for f in folder.rglob("*.parquet")
-                  if f.is_file() and not f.name.startswith(("_", ".")))
-
-
-def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
-    for name in columns or []:
-        if name not in schema.names:
-            raise ValueError(f"{path}: missing column {name!r} (has {', '.join(schema.names)})")
-    try:
-        return pq.read_table(path, columns=columns)
-    except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
-
-
 def load_scored(scored_path) -> pa.Table:
     """All scored Parquet files under a folder (or glob) as one table; needs `score` and `status`."""
-    tables = []
-    for f in _parquet_files(scored_path):
-        table = _read_parquet(f)
-        for name in ("score", "status"):
-            if name not in table.column_names:
-                raise ValueError(f"{f}: scored output is missing column {name!r}")
-        tables.append(table)
-    # "permissive" lets an all-null column (null type) in one file merge with typed ones elsewhere.
-    return pa.concat_tables(tables, promote_options="permissive")
+    tables = [read_checked(f, {"score": "score", "status": "status"}, all_columns=True, strings_only=False)
+              for f in resolve_parquet_files(str(scored_path))]
+    try:
+        # "permissive" lets an all-null column (null type) in one file merge with typed ones elsewhere.
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise InputError(f"{scored_path}: the scored files do not share one set of columns ({one_line(exc)})") from None
+
+
+def _null_rows(values: list) -> list[int]:
+    return [row for row, value in enumerate(values) if value is None]
 
 
 def _load_labels(labels_path, id_column: str, label_column: str) -> tuple[list, list[int]]:
     ids: list = []
     labels: list[int] = []
-    for f in _parquet_files(labels_path):
-        table = _read_parquet(f, [id_column, label_column])
-        file_ids = table.column(id_column).to_pylist()
-        labels += normalize_labels(table.column(label_column).to_pylist(),
+    for f in resolve_parquet_files(str(labels_path)):
+        table = read_checked(f, {id_column: "id", label_column: "label"}, strings_only=False)
+        file_ids = column_values(table, id_column, f)
+        nulls = _null_rows(file_ids)
+        if nulls:
+            raise InputError(f"{f}: column {id_column!r} is null in {len(nulls)} row(s), e.g. rows "
+                             f"{nulls[:IDS_SHOWN]}; every label needs an id to be matched with the scored output")
+        labels += normalize_labels(column_values(table, label_column, f),
                                    where=f"{f}: column {label_column!r}", ids=file_ids)
         ids += file_ids
     return ids, labels
 
 
 def _duplicates(values: list) -> list:
-    seen, dups = set(), []
+    seen, dups = set(), {}
     for v in values:
-        if v in seen and v not in dups:
-            dups.append(v)
+        if v in seen:
+            dups[v] = None  # a dict keeps the order in which duplicates were found
         seen.add(v)
-    return dups
+    return list(dups)
 
 
-def join_with_labels(scored: pa.Table, labels_path, id_column: str = "id", label_column: str = "label"):
+def join_with_labels(scored: pa.Table, labels_path, id_column: str = "id", label_column: str = "label",
+                     scored_name: str = "scored output"):
     """Match scored rows to true labels by id.
 
     Returns (ids, y_true, scores, n_unscored) for the rows that have a score; rows without one
     (status != "ok") are only counted. The truth always comes from labels_path, never from the
-    scored table's own `label` column (that one is the prediction).
+    scored table's own `label` column (that one is the prediction). `scored_name` says in errors
+    which scored output is meant.
     """
     if id_column not in scored.column_names:
-        raise ValueError(f"scored output is missing id column {id_column!r} (has {', '.join(scored.column_names)})")
+        raise InputError(f"{scored_name} is missing id column {id_column!r} (has {', '.join(scored.column_names)})")
+    scored_ids = column_values(scored, id_column, scored_name)
+    nulls = _null_rows(scored_ids)
+    if nulls:
+        raise InputError(f"{scored_name}: column {id_column!r} is null in {len(nulls)} row(s), e.g. rows "
+                         f"{nulls[:IDS_SHOWN]}; every scored row needs an id to be matched with its label")
     label_ids, label_values = _load_labels(labels_path, id_column, label_column)
-    scored_ids = scored.column(id_column).to_pylist()
 
-    for side, values in (("scored output", scored_ids), (f"labels {labels_path}", label_ids)):
+    for side, values in ((scored_name, scored_ids), (f"labels {labels_path}", label_ids)):
         dups = _duplicates(values)
         if dups:
-            raise ValueError(f"{side}: {len(dups)} duplicate {id_column!r} values, e.g. {dups[:5]!r}")
+            raise InputError(f"{side}: {len(dups)} duplicate {id_column!r} values, e.g. {dups[:IDS_SHOWN]!r}")
 
     # An id written as int on one side and as string on the other should still match.
     if any(isinstance(v, str) for v in scored_ids) != any(isinstance(v, str) for v in label_ids):
@@ -140,15 +123,20 @@ def join_with_labels(scored: pa.Table, labels_path, id_column: str = "id", label
 
     score_col = pc.cast(scored.column("score"), pa.float64())
     has_score = pc.and_(pc.is_valid(score_col), pc.invert(pc.is_nan(score_col)))
-    is_ok = pc.equal(scored.column("status").cast(pa.string()), "ok")
+    status = scored.column("status").cast(pa.string())
+    is_ok = pc.equal(status, "ok")
     usable = pc.fill_null(pc.and_(has_score, is_ok), False).to_pylist()
     n_unscored = usable.count(False)
 
     rows = [i for i, ok in enumerate(usable) if ok]
+    if not rows:
+        statuses = dict(Counter(status.to_pylist()))
+        raise InputError(f"{scored_name}: no scored rows to evaluate ({scored.num_rows} rows"
+                         + (f", statuses {statuses})" if statuses else ")"))
     missing = [scored_ids[i] for i in rows if scored_keys[i] not in truth]
     if missing:
-        raise ValueError(f"{len(missing)} scored {id_column!r} values have no label in {labels_path}, "
-                         f"e.g. {missing[:5]!r}")
+        raise InputError(f"{len(missing)} scored {id_column!r} values have no label in {labels_path}, "
+                         f"e.g. {missing[:IDS_SHOWN]!r}")
     score_values = score_col.to_pylist()
     ids = [scored_ids[i] for i in rows]
     y_true = np.array([truth[scored_keys[i]] for i in rows], dtype=np.int64)
@@ -203,21 +191,59 @@ def write_plots(y_true, scores, out_dir, threshold: float = 0.5) -> list[Path]:
     return [confusion_path, histogram_path]
 
 
+def check_evaluation(out_dir, *, overwrite: bool, threshold: float, inputs: dict[str, object]) -> Path | Location:
+    """Everything about an evaluation that can be refused before any work (scoring included): the threshold,
+    and the output rules of outputs.py: not an input (`inputs` maps each flag to its path), not the home folder
+    or a filesystem root, writable, and replaced only when it holds an earlier evaluation's metrics.json and
+    `overwrite` is set. The output may already hold `scored/` when that is the --scored input, or where
+    `evaluate --input` (no --scored) is about to score into: that is the layout evaluate and the demo write, and
+    scoring applies the output rules to it itself. Returns the resolved output folder: a Path, or a Location
+    for an object-store URI."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"threshold must be in [0, 1] (a score >= it is positive), got {threshold}")
+    out = location(out_dir)
+    own_scored = out.join(SCORED_DIR)
+    inputs = {flag: path for flag, path in inputs.items() if path is not None}
+    scored_is_ours = "--scored" not in inputs or location(str(inputs["--scored"])) == own_scored
+    for flag, path in inputs.items():
+        if not (flag == "--scored" and scored_is_ours):
+            refuse_overlap(out.uri, [path], f"{flag} path")
+    checked = check_output_location_free(out, overwrite, METRICS_FILE,
+                                         own_entries=(SCORED_DIR,) if scored_is_ours else ())
+    return Path(checked.path) if checked.is_local else checked
+
+
 def evaluate(scored_path, labels_path, out_dir, id_column: str = "id", label_column: str = "label",
              threshold: float = 0.5, overwrite: bool = False) -> dict:
     """Join scored output with labels, write metrics.json and the plots into out_dir, return the metrics."""
-    out_dir = Path(out_dir)
-    metrics_path = out_dir / METRICS_FILE
-    if metrics_path.exists() and not overwrite:
-        raise FileExistsError(f"{metrics_path} already exists; pass overwrite=True (--overwrite) to replace it")
+    out_dir = check_evaluation(out_dir, overwrite=overwrite, threshold=threshold,
+                               inputs={"--scored": scored_path, "--labels": labels_path})
+    return write_evaluation(scored_path, labels_path, out_dir, id_column, label_column, threshold)
+
+
+def write_evaluation(scored_path, labels_path, out_dir: Path | Location, id_column: str = "id",
+                     label_column: str = "label", threshold: float = 0.5) -> dict:
+    """evaluate() once `check_evaluation` has passed: the metrics and plots, written into out_dir (into a local
+    folder first, then uploaded, for an object-store output)."""
     scored = load_scored(scored_path)
-    _, y_true, scores, n_unscored = join_with_labels(scored, labels_path, id_column, label_column)
+    _, y_true, scores, n_unscored = join_with_labels(scored, labels_path, id_column, label_column,
+                                                     scored_name=f"scored output {scored_path}")
     metrics = compute_metrics(y_true, scores, threshold)
     metrics.update(n_unscored=n_unscored, scored_path=str(scored_path), labels_path=str(labels_path))
+    if isinstance(out_dir, Location) and not out_dir.is_local:
+        with tempfile.TemporaryDirectory(prefix="sentiment-ray-evaluate-") as staging:
+            _write_results(metrics, y_true, scores, Path(staging), threshold)
+            # check_evaluation applied --overwrite already; a scored/ folder beside the metrics stays
+            upload_output(Path(staging), out_dir, overwrite=True, marker=METRICS_FILE, own_entries=(SCORED_DIR,))
+    else:
+        _write_results(metrics, y_true, scores, Path(str(out_dir)), threshold)
+    return metrics
+
+
+def _write_results(metrics: dict, y_true, scores, out_dir: Path, threshold: float) -> None:
     write_plots(y_true, scores, out_dir, threshold)
     # Written last, so a failed run never leaves a metrics.json that blocks the retry.
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def format_metrics(metrics: dict) -> str:

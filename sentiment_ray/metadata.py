@@ -11,9 +11,11 @@ from pathlib import Path
 from sentiment_ray import __version__
 from sentiment_ray.labels import CLASS_NAMES
 from sentiment_ray.prompt import PromptSpec
+from sentiment_ray.storage import Location, local_copy_of_folder, location
 
 METADATA_FILE = "sentiment_ray.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
@@ -53,18 +55,19 @@ class AdapterMetadata:
         return path
 
 
-def read_metadata(folder: str | Path) -> AdapterMetadata:
-    folder = Path(folder)
-    path = folder / METADATA_FILE
+def read_metadata(folder: str | Path | Location) -> AdapterMetadata:
+    """The metadata of the adapter in `folder`, a local path or a URI (read through the store)."""
+    folder = location(folder)
+    path = folder.join(METADATA_FILE)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     if not path.is_file():
         raise AdapterError(f"{folder} is not a sentiment_ray adapter: it has no {METADATA_FILE}")
-    if not (folder / ADAPTER_WEIGHTS).is_file():
+    if not folder.join(ADAPTER_WEIGHTS).is_file():
         raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from None
     if data.get("format_version") != FORMAT_VERSION:
         raise AdapterError(f"{path}: format_version {data.get('format_version')!r}, this package reads {FORMAT_VERSION}")
@@ -74,11 +77,112 @@ def read_metadata(folder: str | Path) -> AdapterMetadata:
         raise AdapterError(f"{path}: {exc}") from None
 
 
-def adapter_identity(folder: str | Path) -> str:
-    """`<folder name>@<sha256 of the adapter weights, 12 hex>`: names the exact weights that scored a row."""
-    folder = Path(folder)
+def adapter_weights_sha256(folder: str | Path | Location) -> str:
+    """The sha256 (64 hex) of the adapter's weights, read through the store where the adapter lies."""
+    weights = location(folder).join(ADAPTER_WEIGHTS)
     digest = hashlib.sha256()
-    with open(folder / ADAPTER_WEIGHTS, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"{folder.name}@{digest.hexdigest()[:12]}"
+    try:
+        with weights.open_input_stream() as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise AdapterError(f"{weights.parent} has no {ADAPTER_WEIGHTS} (only safetensors adapters are "
+                           "loaded)") from None
+    return digest.hexdigest()
+
+
+def adapter_identity(folder: str | Path | Location) -> str:
+    """`<folder name>@<sha256 of the adapter weights, 12 hex>`: names the exact weights that scored a row."""
+    folder = location(folder)
+    return f"{folder.name}@{adapter_weights_sha256(folder)[:12]}"
+
+
+def local_adapter(adapter: str | Path | Location, weights_sha256: str | None = None) -> Path:
+    """A local folder holding the adapter: the folder itself when it is local; for a URI, a copy in the cache
+    (`<cache>/adapters/<sha256 of the weights>/`), downloaded once per node. Pass `weights_sha256` when it is
+    known (hashed once on the driver), so that a copy already cached costs no read of the store at all."""
+    from sentiment_ray.embedded_model import cache_dir
+
+    folder = location(adapter)
+    if folder.is_local:
+        return Path(folder.path)
+    key = weights_sha256 or adapter_weights_sha256(folder)
+
+    def same_weights(copy: Path) -> None:
+        if _file_sha256(copy / ADAPTER_WEIGHTS) != key:
+            raise AdapterError(f"{folder.join(ADAPTER_WEIGHTS)} changed while it was being copied (or does not match "
+                               f"the sha256 {key} it was named by); copy the adapter again")
+
+    return local_copy_of_folder(folder, cache_dir() / "adapters", key, check=same_weights)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- checks before work starts
+
+
+def check_base_model(name_or_path: str, trust_remote_code: bool = False, recorded_in: str | None = None) -> str:
+    """The base model's local path (or hub id), checked on the driver so that a missing model is one line here
+    rather than a traceback in every actor. A local folder must hold config.json and safetensors weights; a name
+    that is no local path must resolve through transformers (its cache, or the hub when online)."""
+    from sentiment_ray import backends
+
+    resolved = backends.resolve_model_path(name_or_path)
+    where = f"base model {name_or_path}" + (f" recorded in {recorded_in}" if recorded_in else "")
+    local = Path(resolved)
+    if local.exists():
+        if not local.is_dir():
+            problem = "it is a file, not a model folder"
+        elif not (local / "config.json").is_file():
+            problem = f"{local} has no config.json"
+        elif not any(local.glob("*.safetensors")):
+            problem = f"{local} has no *.safetensors weights (only safetensors weights are loaded)"
+        else:
+            return resolved
+    elif local.is_absolute() or name_or_path.startswith((".", "~")):
+        problem = "no such folder"
+    else:
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+            return resolved
+        except Exception as exc:  # noqa: BLE001 - hub, network, cache and config errors all mean "not usable"
+            problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    fix = "pass --base-model to name it" if recorded_in else "check --base-model (model.name_or_path)"
+    raise AdapterError(f"{where} cannot be found: {problem}; {fix}")
+
+
+def check_adapter_loadable(adapter_dir: str | Path | Location, base_override: str = "",
+                           trust_remote_code: bool = False) -> AdapterMetadata:
+    """Everything loading this adapter needs, checked before any work starts: its metadata, its weights'
+    safetensors header (a truncated or corrupt file is named here, not found inside every actor) and its base
+    model (`base_override` or the one recorded at training). An adapter at a URI is checked on its local copy
+    (local_adapter), which the work then uses."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = location(adapter_dir)
+    metadata = read_metadata(folder)
+    if not folder.join(ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"{folder} has no {ADAPTER_CONFIG} (peft needs it to load the adapter)")
+    weights = folder.join(ADAPTER_WEIGHTS)
+    try:
+        with safe_open(str(local_adapter(folder) / ADAPTER_WEIGHTS), framework="numpy") as tensors:
+            names = list(tensors.keys())
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{weights}: not readable safetensors ({exc}); the file is truncated or damaged, copy "
+                           "or train the adapter again") from None
+    if not names:
+        raise AdapterError(f"{weights}: holds no tensors")
+    if base_override:
+        check_base_model(base_override, trust_remote_code)
+    else:
+        check_base_model(metadata.base_model, trust_remote_code, recorded_in=str(folder.join(METADATA_FILE)))
+    return metadata

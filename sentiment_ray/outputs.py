@@ -3,20 +3,45 @@
 Results are written into a hidden sibling `.<name>.tmp-<random>` and renamed into place only when complete,
 so a crash leaves the final name absent rather than holding a partial result. A resumable job (scoring) keeps
 its committed pieces in a hidden sibling with a fixed name, `.<name>.partial`, that a rerun can find again.
+
+What may be replaced: `--overwrite` replaces only what this tool wrote, an empty folder or a folder holding the
+command's own marker file (the score manifest, the adapter's `sentiment_ray.json`, evaluate's `metrics.json`).
+Whatever the flags, an output may not be, contain or lie inside an input, the home directory or a filesystem
+root. These rules are checked before any work starts, and the first one again when the result is committed.
+
+An object-store output (s3://, gs://; `finetune` and `evaluate`) follows the same rules, a bucket root taking
+the place of a filesystem root. Object stores cannot rename a folder, so a finished local folder is uploaded file
+by file (each file atomically) with the marker last, and `.sentiment_ray_upload` marks the output unfinished until
+then: a reader sees no marker, hence no finished output, and a rerun with --overwrite may replace it.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+
+from sentiment_ray.storage import Location, StorageError, is_uri, location, upload_folder, uri_path
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_SHOWN = 3  # entries named in a refusal; the count says how many more there are
+UPLOAD_MARKER = ".sentiment_ray_upload"  # in an object-store output while it is being uploaded
 
 
 class OutputExistsError(FileExistsError):
     pass
+
+
+class OutputNotWritableError(OutputExistsError):
+    """The output's folder cannot be written. A subclass, so that everything that reports a refused output
+    (cli.USER_ERRORS) reports this one too."""
 
 
 def _refuse_uri(path) -> None:
@@ -30,12 +55,218 @@ def _holds_something(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def check_output_free(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:
+def _refuse_protected(path: Path) -> None:
+    """The home directory, a folder above it, or a filesystem root: never an output, whatever the flags."""
+    home = Path.home().expanduser().resolve()
+    if path == Path(path.anchor):
+        raise OutputExistsError(f"output {path} is a filesystem root; choose a folder for this output")
+    if path == home:
+        raise OutputExistsError(f"output {path} is your home directory; choose a folder inside it")
+    if home.is_relative_to(path):
+        raise OutputExistsError(f"output {path} contains your home directory {home}; choose another folder")
+
+
+def _refuse_foreign(path: Path, marker: str, own_entries: Collection[str] = ()) -> None:
+    """Anything at `path` but an empty folder or a folder holding `marker` was not written by this tool."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise OutputExistsError(f"output {path} is a file not written by sentiment-ray; choose another path "
+                                f"(--overwrite replaces only a folder holding {marker} or an empty folder)")
+    entries = sorted(e for e in path.iterdir() if e.name not in own_entries)
+    if not entries or (path / marker).is_file():
+        return
+    raise _not_ours(path, [e.name + ("/" if e.is_dir() else "") for e in entries[:EXAMPLES_SHOWN]], len(entries),
+                    marker)
+
+
+def _not_ours(output: object, shown: list[str], count: int, marker: str) -> OutputExistsError:
+    entries = f"{count} entr{'y' if count == 1 else 'ies'}"
+    return OutputExistsError(f"output {output} holds {entries} not written by sentiment-ray, e.g. {', '.join(shown)}; "
+                             f"choose another path (--overwrite replaces only a folder holding {marker} or an empty "
+                             "folder)")
+
+
+def check_writable(final: Path) -> None:
+    """Create and remove a file where the output will appear (its nearest existing folder: nothing is created
+    for a check that may fail), so that an unwritable location is found before the work, not after it."""
+    folder = next(p for p in (final.parent, *final.parent.parents) if p.exists() or p.is_symlink())
+    if not folder.is_dir():
+        raise OutputNotWritableError(f"output {final}: {folder} is a file, not a folder; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{final.name}.write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputNotWritableError(f"output {final}: cannot write in {folder} ({reason}); "
+                                     "choose a writable location") from None
+
+
+def _warn_of_leftovers(final: Path) -> None:
+    # An old output is moved aside for a moment while a new one replaces it (commit); a run killed in that
+    # moment leaves it there. Say so, rather than let it sit unseen under a hidden name.
+    for leftover in sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*")):
+        logger.warning("%s holds the output that an interrupted run was replacing with %s; delete it when it "
+                       "is not needed", leftover, final)
+
+
+def resolve_output(path: str | Path) -> Path:
+    """The absolute output path, refused when it is an object-store URI, the home folder or a filesystem root."""
     _refuse_uri(path)
-    path = Path(path).expanduser().resolve()
-    if _holds_something(path) and not overwrite:
-        raise OutputExistsError(f"output {path} already exists; choose a new path or pass {flag} to replace it")
-    return path
+    final = Path(path).expanduser().resolve()
+    _refuse_protected(final)
+    return final
+
+
+def check_output_free(path: str | Path, overwrite: bool, marker: str, flag: str = "--overwrite",
+                      own_entries: Collection[str] = ()) -> Path:
+    """The resolved output path, once it is known to be writable and either free or replaceable: absent, an
+    empty folder, or (with `overwrite`) a folder holding `marker`. `own_entries` are names the command itself
+    wrote there before this check (evaluate's `scored/`); they count as neither."""
+    final = resolve_output(path)
+    _refuse_foreign(final, marker, own_entries)
+    exists = final.exists() and any(e.name not in own_entries for e in final.iterdir())
+    if exists and not overwrite:
+        raise OutputExistsError(f"output {final} already exists; choose a new path or pass {flag} to replace it")
+    check_writable(final)
+    _warn_of_leftovers(final)
+    return final
+
+
+def refuse_overlap(output: str | Path, inputs: Iterable[str | Path], role: str) -> None:
+    """Refuse, whatever the flags, an output that is the home folder or a filesystem root, or that is, contains
+    or lies inside one of `inputs` (files, folders or globs; object-store URIs cannot overlap a local output):
+    replacing it would destroy the input."""
+    if is_uri(output) and not str(output).startswith("file://"):
+        _refuse_overlap_in_store(str(output), inputs, role)
+        return
+    final = Path(location(output).path)
+    _refuse_protected(final)
+    for given in inputs:
+        for path in _input_paths(str(given)):
+            _refuse_related(final, path, final, path, role)
+
+
+def _refuse_related(output: PurePath, given: PurePath, output_shown: object, given_shown: object, role: str) -> None:
+    if output == given:
+        where = "is"
+    elif output.is_relative_to(given):
+        where = "lies inside"
+    elif given.is_relative_to(output):
+        where = "contains"
+    else:
+        return
+    raise OutputExistsError(f"output {output_shown} {where} the {role} {given_shown}; choose an output outside the "
+                            "inputs")
+
+
+def _refuse_overlap_in_store(output: str, inputs: Iterable[str | Path], role: str) -> None:
+    """An object-store output and the inputs in the same store (scheme), compared by bucket and key without
+    contacting the store; a local input cannot overlap it."""
+    _refuse_bucket_root(output)
+    scheme = output.split("://", 1)[0]
+    path = PurePosixPath(uri_path(output))
+    for given in map(str, inputs):
+        if is_uri(given) and given.split("://", 1)[0] == scheme:
+            source = PurePosixPath(uri_path(given))
+            _refuse_related(path, source, f"{scheme}://{path}", f"{scheme}://{source}", role)
+
+
+# ------------------------------------------------------------------------------------------ object-store outputs
+
+
+def _refuse_bucket_root(output: str) -> None:
+    """A bucket root (s3://bucket) takes the place of a filesystem root: never an output, whatever the flags."""
+    path = uri_path(output)
+    if "/" not in path:
+        raise OutputExistsError(f"output {output.split('://', 1)[0]}://{path} is a bucket root; choose a folder "
+                                "inside it")
+
+
+def _refuse_foreign_in_store(output: Location, marker: str, own_entries: Collection[str] = ()) -> list[Location]:
+    """_refuse_foreign for an object-store output; returns its entries other than `own_entries`."""
+    if output.is_file():
+        raise OutputExistsError(f"output {output} is a file not written by sentiment-ray; choose another path "
+                                f"(--overwrite replaces only a folder holding {marker} or an empty folder)")
+    entries = [e for e in output.children() if e.name not in own_entries]
+    names = {e.name for e in entries}
+    if entries and not names & {marker, UPLOAD_MARKER}:
+        shown = [e.name + ("/" if e.is_dir() else "") for e in entries[:EXAMPLES_SHOWN]]
+        raise _not_ours(output, shown, len(entries), marker)
+    return entries
+
+
+def _check_writable_in_store(output: Location) -> None:
+    """Write and delete an empty object beside the output: a missing bucket, wrong credentials or endpoint, or
+    a write-protected prefix are found before the work, not after it."""
+    probe = output.parent.join(f".{output.name}.write-check-{uuid.uuid4().hex[:8]}")
+    try:
+        probe.write_bytes(b"")
+        probe.delete(missing_ok=True)
+    except (StorageError, OSError) as exc:
+        raise OutputNotWritableError(f"output {output}: cannot write in {output.parent} ({exc}); choose a writable "
+                                     "location") from None
+
+
+def check_output_location_free(path: str | Path, overwrite: bool, marker: str, flag: str = "--overwrite",
+                               own_entries: Collection[str] = ()) -> Location:
+    """check_output_free for a local path or an object-store URI: the same rules, the same messages. An
+    object-store output that an interrupted upload left unfinished counts as this tool's."""
+    output = location(path)
+    if output.is_local:
+        return location(check_output_free(output.path, overwrite, marker, flag, own_entries))
+    _refuse_bucket_root(output.uri)
+    entries = _refuse_foreign_in_store(output, marker, own_entries)
+    if entries and not overwrite:
+        unfinished = UPLOAD_MARKER in {e.name for e in entries}
+        raise OutputExistsError(f"output {output} " + ("holds an unfinished upload of an earlier run" if unfinished
+                                                       else "already exists")
+                                + f"; choose a new path or pass {flag} to replace it")
+    _check_writable_in_store(output)
+    return output
+
+
+def upload_output(staging: Path, final: Location, overwrite: bool, marker: str,
+                  own_entries: Collection[str] = ()) -> Location:
+    """commit() for an object-store output: the finished local folder `staging` is uploaded to `final`.
+
+    The rules are checked again (the output may have changed during the run). An earlier output (only with
+    `overwrite`; `own_entries` are kept) is deleted, its marker first, so that no reader takes old metadata for
+    new weights; then every file is uploaded, the marker last. UPLOAD_MARKER is there from the first change to
+    the last: an interrupted upload is recognisable as this tool's, and as unfinished. On failure the
+    result is kept in `staging` and the message says so."""
+    try:
+        entries = _refuse_foreign_in_store(final, marker, own_entries)
+    except OutputExistsError as exc:
+        raise OutputExistsError(f"{exc}; this run's result is kept in {staging}") from None
+    if entries and not overwrite:
+        raise OutputExistsError(f"output {final} appeared while this run was writing; result kept in {staging}")
+    unfinished = final.join(UPLOAD_MARKER)
+    try:
+        unfinished.write_bytes(b"an upload of sentiment-ray is writing this folder, or stopped before finishing\n")
+        for entry in sorted(entries, key=lambda e: e.name != marker):
+            if entry.name == UPLOAD_MARKER:
+                continue
+            if entry.is_dir():
+                entry.delete_dir(missing_ok=True)
+            else:
+                entry.delete(missing_ok=True)
+        upload_folder(staging, final, last=(marker,))
+        unfinished.delete()
+    except (StorageError, OSError) as exc:
+        raise OSError(f"could not upload {staging} to {final} ({exc}); this run's result is kept in {staging}, and "
+                      f"{final} is unfinished: rerun with --overwrite or upload the folder by hand") from exc
+    return final
+
+
+def _input_paths(given: str) -> list[Path]:
+    if given.startswith("file://"):
+        given = given[len("file://"):]
+    elif "://" in given:
+        return []
+    expanded = os.path.expanduser(given)
+    matches = glob.glob(expanded, recursive=True) if glob.has_magic(expanded) else [expanded]
+    return [Path(m).resolve() for m in matches]
 
 
 def staging_dir(final: Path) -> Path:
@@ -43,17 +274,38 @@ def staging_dir(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def commit(staging: Path, final: Path, overwrite: bool) -> Path:
-    """Move a finished staging folder to its final name (replacing an old one only with overwrite)."""
-    if final.exists():
-        if not overwrite and (not final.is_dir() or any(final.iterdir())):
-            raise OutputExistsError(f"output {final} appeared while this run was writing; result kept in {staging}")
-        backup = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(backup)
+def commit(staging: Path, final: Path, overwrite: bool, marker: str) -> Path:
+    """Move a finished staging folder to its final name. An old output there is replaced only with `overwrite`
+    and only while it is still this tool's (checked again: it may have changed during the run): it is moved
+    aside, the new one renamed in, and only then deleted. Every failure names the paths; none is silent."""
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()  # an empty folder holds nothing to keep
+    if not final.exists():
         staging.rename(final)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
+        return final
+    if not overwrite:
+        raise OutputExistsError(f"output {final} appeared while this run was writing; result kept in {staging}")
+    try:
+        _refuse_foreign(final, marker)
+    except OutputExistsError as exc:
+        raise OutputExistsError(f"{exc}; this run's result is kept in {staging}") from None
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        final.rename(old)
+    except OSError as exc:
+        raise OSError(f"could not move the old output {final} aside ({exc}); this run's result is kept in "
+                      f"{staging}") from exc
+    try:
         staging.rename(final)
+    except OSError as exc:
+        old.rename(final)  # the old output back under its name: the user keeps what they had
+        raise OSError(f"could not rename {staging} to {final} ({exc}); the old output is back in place and this "
+                      "run's result is kept in the former") from exc
+    try:
+        shutil.rmtree(old)
+    except OSError as exc:
+        logger.warning("replaced %s, but could not delete the old output, now at %s (%s); delete it by hand",
+                       final, old, exc)
     return final
 
 
@@ -77,24 +329,24 @@ class ResumableOutput:
 
 def open_resumable_output(path: str | Path, overwrite: bool, resume: bool, finished_marker: str) -> ResumableOutput:
     """Decide what a run may do with `path`: start fresh, continue an unfinished run (`resume`), or replace
-    (`overwrite`). Anything else that is already there is refused with a message saying which flag to pass."""
+    (`overwrite`) an earlier output of this tool. Anything else that is already there is refused with a message
+    saying which flag to pass, or that no flag replaces it."""
     _refuse_uri(path)
     if overwrite and resume:
         raise OutputExistsError("pass either --resume (continue an earlier run) or --overwrite (start over), not both")
-    final = Path(path).expanduser().resolve()
+    final = resolve_output(path)
     work = final.parent / f".{final.name}.partial"
-    if overwrite:
-        shutil.rmtree(work, ignore_errors=True)  # ours (hidden, fixed name); the old final goes at commit
-        return ResumableOutput(final, work, finished=False)
-    if _holds_something(final):
-        if resume and (final / finished_marker).is_file():
-            return ResumableOutput(final, work, finished=True)
+    _refuse_foreign(final, finished_marker)
+    if not overwrite and _holds_something(final):
         if resume:
-            raise OutputExistsError(f"output {final} exists but holds no {finished_marker}: it was not written by this "
-                                    "tool, so there is nothing to resume; choose a new path or pass --overwrite")
+            return ResumableOutput(final, work, finished=True)  # holds the marker: _refuse_foreign let it through
         raise OutputExistsError(f"output {final} already exists; pass --resume to check it (a finished output is left "
                                 "as it is) or --overwrite to replace it")
-    if work.exists() and not resume:
+    if work.exists() and not resume and not overwrite:
         raise OutputExistsError(f"an earlier run into {final} stopped before finishing (its work is kept in {work}); "
                                 "pass --resume to continue it or --overwrite to start over")
+    check_writable(final)
+    _warn_of_leftovers(final)
+    if overwrite:
+        shutil.rmtree(work, ignore_errors=True)  # ours (hidden, fixed name); the old final goes at commit
     return ResumableOutput(final, work, finished=False)

@@ -1,4 +1,8 @@
-"""Label a handful of texts in-process: the same scorer as the Ray Data job, without Ray."""
+"""Label a handful of texts in-process: the same scorer as the Ray Data job, without Ray.
+
+Every text gets a result: a text that cannot be scored (empty, invalid UTF-8, one that makes the model raise)
+comes back marked with its status (and `error`), never as an exception that loses the others' predictions.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,16 @@ from dataclasses import dataclass
 
 from sentiment_ray.config import ModelConfig
 from sentiment_ray.prompt import PromptSpec
-from sentiment_ray.scorer import SentimentScorer
+from sentiment_ray.scorer import SentimentScorer, check_loadable, score_with_retry
 
 
 @dataclass(frozen=True)
 class Prediction:
     text: str
-    label: str | None  # "negative" / "positive"; None for empty text
+    label: str | None  # "negative" / "positive"; None when not scored (status says why)
     score: float | None  # probability of positive
-    status: str
+    status: str  # scorer.ROW_STATUSES
+    error: str | None = None  # why an invalid_utf8 or error text was not scored
 
     @property
     def probability(self) -> float | None:
@@ -25,7 +30,13 @@ class Prediction:
 
 
 def load_predictor(adapter: str | None, model: ModelConfig | None = None, prompt: PromptSpec | None = None) -> SentimentScorer:
-    return SentimentScorer.load(adapter, model or ModelConfig(name_or_path=""), prompt or PromptSpec())
+    model = model or ModelConfig(name_or_path="")
+    check_loadable(adapter, model)  # a corrupt adapter or missing base: one AdapterError, not a loader traceback
+    return SentimentScorer.load(adapter, model, prompt or PromptSpec())
+
+
+def _quiet(_: str) -> None:
+    """The retries' progress lines are for long jobs; here the marked Prediction says what happened."""
 
 
 def predict(texts: list[str], adapter: str | None = None, *, scorer: SentimentScorer | None = None,
@@ -35,6 +46,6 @@ def predict(texts: list[str], adapter: str | None = None, *, scorer: SentimentSc
     out: list[Prediction] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
-        result = scorer.score_texts(chunk)
-        out += [Prediction(t, lab, s, st) for t, lab, s, st in zip(chunk, result.labels, result.scores, result.statuses)]
+        result = score_with_retry(scorer.score_texts, chunk, on_retry=_quiet)
+        out += [Prediction(*row) for row in zip(chunk, result.labels, result.scores, result.statuses, result.errors)]
     return out

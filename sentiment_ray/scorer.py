@@ -4,6 +4,14 @@ P(positive) = softmax(logit[negative word], logit[positive word])[1] at the posi
 No `generate()`: the label words are single tokens, so their two logits answer the question exactly. The batch
 is right-padded and each row's last real position is gathered, so the positions the model sees are the same as
 for that row alone; only the hidden state of that position meets the LM head, and only the two label rows of it.
+
+What counts as text (every other value is a marked row, never an exception that loses the batch):
+- a `str` that encodes to UTF-8. A str holding lone surrogates (what invalid bytes become under Python's
+  `surrogateescape`, e.g. in argv) is marked `invalid_utf8`, with the offending byte or character in `error`;
+- `bytes` that decode as UTF-8 (else `invalid_utf8`, naming the byte offset). So a Parquet text column of binary
+  type (`binary`, `large_binary`) is scored like a string column: valid UTF-8 scored, the rest marked; and a
+  string column is read without pyarrow's UTF-8 validation (`data.text_values`), so one bad cell costs only its row;
+- null, empty or whitespace-only text is `empty_text`; anything else (numbers, ...) is `non_string_text`.
 """
 
 from __future__ import annotations
@@ -15,16 +23,24 @@ from pathlib import Path
 import numpy as np
 
 from sentiment_ray.config import EMBEDDED_MODEL, ModelConfig
+from sentiment_ray.data import utf8_problem
 from sentiment_ray.labels import CLASS_NAMES
-from sentiment_ray.metadata import AdapterError, adapter_identity, read_metadata
+from sentiment_ray.metadata import (
+    AdapterError,
+    adapter_identity,
+    check_adapter_loadable,
+    check_base_model,
+    read_metadata,
+)
 from sentiment_ray.prompt import PromptEncoder, PromptSpec
 
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty_text"  # null, empty or whitespace-only text (after cleaning): no score, row kept
-STATUS_NON_STRING = "non_string_text"  # a number, bytes, ... in the text column: no score, row kept
+STATUS_NON_STRING = "non_string_text"  # a number, a list, ... in the text column: no score, row kept
 STATUS_NO_TOKENS = "no_tokens"  # text the tokenizer turns into no tokens at all: no score, row kept
 STATUS_ERROR = "error"  # scoring raised, also when retried alone: no score, the exception in `error`
-ROW_STATUSES = (STATUS_OK, STATUS_EMPTY, STATUS_NON_STRING, STATUS_NO_TOKENS, STATUS_ERROR)
+STATUS_INVALID_UTF8 = "invalid_utf8"  # bytes that are not UTF-8 (or a str with lone surrogates): where, in `error`
+ROW_STATUSES = (STATUS_OK, STATUS_EMPTY, STATUS_NON_STRING, STATUS_NO_TOKENS, STATUS_ERROR, STATUS_INVALID_UTF8)
 # Tokenizing is linear in the text, and a multi-megabyte "review" would stall a batch for nothing: text beyond
 # this many characters per budget token can never survive truncation (tokens are far shorter), so it is cut
 # before tokenizing, on the side the truncation policy drops.
@@ -55,6 +71,22 @@ class BatchScores:
     @property
     def labels(self) -> list[str | None]:
         return [None if i is None else CLASS_NAMES[i] for i in self.label_ids]
+
+
+def as_text(value) -> tuple[str | None, str | None, str | None]:
+    """(text, status, error) for one cell: the text to score, or None with the status that marks the row
+    (status None with text None: a null, which is empty_text)."""
+    if value is None:
+        return None, None, None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, STATUS_INVALID_UTF8, f"invalid UTF-8 byte 0x{value[exc.start]:02x} at byte {exc.start}"
+    if not isinstance(value, str):
+        return None, STATUS_NON_STRING, None
+    problem = utf8_problem(value)
+    return (None, STATUS_INVALID_UTF8, problem) if problem else (value, None, None)
 
 
 class SentimentScorer:
@@ -172,18 +204,21 @@ class SentimentScorer:
         return text[:head] + text[-(limit - head):] if limit > head else text[:head]
 
     def score_texts(self, texts: list) -> BatchScores:
-        """Scores and a status per row; rows that cannot be scored are marked, never dropped."""
+        """Scores and a status per row; rows that cannot be scored are marked, never dropped (module docstring)."""
         import torch
 
         scores: list[float | None] = [None] * len(texts)
         statuses = [STATUS_EMPTY] * len(texts)
         truncated = [False] * len(texts)
+        errors: list[str | None] = [None] * len(texts)
+        decoded: dict[int, str] = {}
         cleaned: dict[int, str] = {}
-        for i, text in enumerate(texts):
-            if text is not None and not isinstance(text, str):
-                statuses[i] = STATUS_NON_STRING
+        for i, value in enumerate(texts):
+            text, status, error = as_text(value)
+            if status is not None:
+                statuses[i], errors[i] = status, error
             elif text is not None and (clean := self.encoder.spec.clean(self._clip_chars(text))):
-                cleaned[i] = clean
+                decoded[i], cleaned[i] = text, clean
         encoded = dict(zip(cleaned, self.encoder.encode_prompts(list(cleaned.values()))))
         template_tokens = len(self.encoder.prefix_ids) + len(self.encoder.suffix_ids)
         for i, prompt in list(encoded.items()):
@@ -198,8 +233,17 @@ class SentimentScorer:
                 i = rows[j]
                 scores[i] = float(p)
                 statuses[i] = STATUS_OK
-                truncated[i] = encoded[i].truncated or len(texts[i]) > len(self._clip_chars(texts[i]))
-        return BatchScores(scores, statuses, truncated)
+                truncated[i] = encoded[i].truncated or len(decoded[i]) > len(self._clip_chars(decoded[i]))
+        return BatchScores(scores, statuses, truncated, errors)
+
+
+def check_loadable(adapter_dir: str | Path | None, model: ModelConfig) -> None:
+    """On the driver, before any work: what `SentimentScorer.load` will need is there and readable (the adapter's
+    weights and its base model; zero-shot: the base model), so a bad one is one line, not a traceback per actor."""
+    if adapter_dir:
+        check_adapter_loadable(adapter_dir, model.name_or_path, model.trust_remote_code)
+    else:
+        check_base_model(model.name_or_path or EMBEDDED_MODEL, model.trust_remote_code)
 
 
 def score_with_retry(score: Callable[[list], BatchScores], texts: list,

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -31,8 +32,10 @@ from sentiment_ray.data import (
     InputError,
     check_columns,
     is_uri,
+    one_line,
     open_parquet,
     resolve_parquet_files,
+    text_values,
 )
 from sentiment_ray.faults import FaultPlan
 from sentiment_ray.outputs import (
@@ -40,13 +43,16 @@ from sentiment_ray.outputs import (
     ResumableOutput,
     commit,
     open_resumable_output,
+    refuse_overlap,
     staging_dir,
     write_atomically,
 )
 from sentiment_ray.prompt import PromptSpec
+from sentiment_ray.run_lock import RunLock
 from sentiment_ray.work_units import WorkUnit, derived_ids, plan_units, read_unit
 
 PREDICTION_COLUMNS = ("label", "label_id", "score", "status", "adapter", "truncated", "error")
+DEFAULT_ID_COLUMN = "id"  # used when the files have it; derived ids go into a column of this name
 MANIFEST_FILE = "_sentiment_ray_manifest.json"
 PLAN_FILE = "_plan.json"
 UNITS_DIR = "units"
@@ -113,8 +119,7 @@ class ScoringActor:
         try:
             rows = read_unit(unit, [job["id_column"], job["text_column"], *job["keep_columns"]])
         except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file and rows, below
-            reason = " ".join(str(exc).split())  # pyarrow's messages span lines; keep the report to one
-            message = f"{unit.describe()}: unreadable ({type(exc).__name__}: {reason})"
+            message = f"{unit.describe()}: unreadable ({type(exc).__name__}: {one_line(exc)})"
             if not job["skip_unreadable_files"]:
                 raise InputError(f"{message}; pass --skip-unreadable-files to skip and report it instead") from None
             record = {**unit.to_dict(), "rows": unit.rows, "error": message}
@@ -129,10 +134,10 @@ class ScoringActor:
         from sentiment_ray.scorer import BatchScores, score_with_retry
 
         job = self.job
-        texts = rows.column(job["text_column"])
+        texts = text_values(rows.column(job["text_column"]))  # invalid UTF-8 marks its row, not the unit
         parts = []
         for start in range(0, rows.num_rows, job["batch_size"]):
-            parts.append(score_with_retry(self._score, texts.slice(start, job["batch_size"]).to_pylist()))
+            parts.append(score_with_retry(self._score, texts[start:start + job["batch_size"]]))
             self.batches_done += 1
             self._report_progress(len(parts[-1].scores))
             self.faults.maybe_exit(self.batches_done)
@@ -155,12 +160,22 @@ class ScoringActor:
             raise InputError(f"{unit.file}: column types differ from the other input files ({exc})") from None
 
     def _count_attempt(self, unit: WorkUnit) -> None:
+        """Count this attempt at the unit; too many means its rows kill the process. Only this driver run's
+        attempts count: within one run a unit is attempted again only after the actor scoring it died, while an
+        attempt cut short by a killed driver says nothing about the unit's rows."""
         counter = self.work / UNITS_DIR / f"{unit.name}.attempts"
-        attempts = int(counter.read_text()) + 1 if counter.exists() else 1
+        try:
+            record = json.loads(counter.read_text())
+        except (FileNotFoundError, ValueError):
+            record = None
+        same_run = isinstance(record, dict) and record.get("run") == self.job["run_id"]
+        attempts = record["attempts"] + 1 if same_run else 1
         if attempts > UNIT_ATTEMPTS:
-            raise RuntimeError(f"{unit.describe()}: {UNIT_ATTEMPTS} attempts ended with the scoring process dying; "
-                               "a row there crashes the process (memory?). Fix or remove it, then rerun with --resume")
-        write_atomically(counter, lambda p: p.write_text(str(attempts)))
+            raise InputError(f"{unit.describe()}: {UNIT_ATTEMPTS} attempts in this run ended with the scoring "
+                             "process dying; a row there crashes the process (memory?). Fix or remove it, then rerun "
+                             "with --resume")
+        payload = json.dumps({"run": self.job["run_id"], "attempts": attempts})
+        write_atomically(counter, lambda p: p.write_text(payload))
 
     def _score(self, texts: list):
         self.faults.maybe_fail(texts)
@@ -184,8 +199,11 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
 
 def check_inputs(cfg: ScoreConfig) -> dict:
     """Every input file's footer read and its columns checked before any work starts. Returns the readable
-    files, the unreadable ones (only with skip_unreadable_files), the row count, the id rule and the schema."""
-    clash = sorted(set(cfg.keep_columns) & (set(PREDICTION_COLUMNS) | {cfg.id_column}))
+    files, the unreadable ones (only with skip_unreadable_files), the row count, the id rule and the schema.
+    A column named in the config (text, kept, or an id_column set explicitly) must be in the files: a typo is an
+    error naming the file and its columns, never a silent switch to derived ids."""
+    id_column = cfg.id_column or DEFAULT_ID_COLUMN
+    clash = sorted(set(cfg.keep_columns) & (set(PREDICTION_COLUMNS) | {id_column}))
     if clash:
         raise InputError(f"keep_columns {clash} would collide with the id or prediction columns {list(PREDICTION_COLUMNS)}")
     files, unreadable, schemas, rows_by_file = [], [], {}, {}
@@ -206,21 +224,24 @@ def check_inputs(cfg: ScoreConfig) -> dict:
         rows_by_file[path] = parquet.metadata.num_rows  # from the footer already read, not a second open
     if not files:
         raise InputError(f"no readable Parquet file among {len(unreadable)} matching {cfg.input!r}")
-    with_id = [f for f in files if cfg.id_column in schemas[f].names]
+    with_id = [f for f in files if id_column in schemas[f].names]
+    if cfg.id_column is not None and not with_id:
+        raise InputError(f"{files[0]}: no id column {id_column!r} (columns: {schemas[files[0]].names}); name a "
+                         "column the input files have, or set no id column to derive ids '<file key>:<row index>'")
     if with_id and len(with_id) != len(files):
-        missing = next(f for f in files if cfg.id_column not in schemas[f].names)
-        raise InputError(f"{missing}: no id column {cfg.id_column!r} (columns: {schemas[missing].names}), but "
+        missing = next(f for f in files if id_column not in schemas[f].names)
+        raise InputError(f"{missing}: no id column {id_column!r} (columns: {schemas[missing].names}), but "
                          f"{with_id[0]} has one; give every file an id column, or none (ids are then derived)")
     first = schemas[files[0]]
-    for name in ([cfg.id_column] if with_id else []) + list(cfg.keep_columns):
+    for name in ([id_column] if with_id else []) + list(cfg.keep_columns):
         for path in files[1:]:
             if not _same_type(schemas[path].field(name).type, first.field(name).type):
                 raise InputError(f"{path}: column {name!r} is {schemas[path].field(name).type} but "
                                  f"{files[0]} has {first.field(name).type}; all input files must agree")
-    id_type = first.field(cfg.id_column).type if with_id else pa.string()
-    schema = output_schema(pa.field(cfg.id_column, id_type), [first.field(c) for c in cfg.keep_columns])
+    id_type = first.field(id_column).type if with_id else pa.string()
+    schema = output_schema(pa.field(id_column, id_type), [first.field(c) for c in cfg.keep_columns])
     return {"files": files, "unreadable": unreadable, "rows_by_file": rows_by_file,
-            "rows_in": sum(rows_by_file.values()), "derived_ids": not with_id,
+            "rows_in": sum(rows_by_file.values()), "id_column": id_column, "derived_ids": not with_id,
             "schema": schema}
 
 
@@ -245,7 +266,7 @@ def make_plan(cfg: ScoreConfig, inputs: dict, adapter: str | None, model: dict) 
     settings = {
         "inputs": [_file_identity(f, inputs["rows_by_file"][f]) for f in inputs["files"]],
         "unreadable_files": [u["file"] for u in inputs["unreadable"]],
-        "id_column": cfg.id_column, "derived_ids": inputs["derived_ids"], "text_column": cfg.text_column,
+        "id_column": inputs["id_column"], "derived_ids": inputs["derived_ids"], "text_column": cfg.text_column,
         "keep_columns": list(cfg.keep_columns),
         "adapter": adapter_identity(adapter) if adapter else None,
         "model": model,
@@ -383,19 +404,26 @@ def gather_units(plan: dict, work: Path, staging: Path, rows_per_file: int) -> d
 
 
 def run_scoring(cfg: ScoreConfig) -> dict:
-    """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume`); returns the manifest."""
-    from sentiment_ray.metadata import read_metadata
+    """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume`); returns the manifest.
+    One run at a time per output: a second one is refused while the first is alive (sentiment_ray/run_lock.py)."""
+    with RunLock.for_output(cfg.output):
+        return _score_locked(cfg)
 
-    output = open_resumable_output(cfg.output, cfg.overwrite, cfg.resume, MANIFEST_FILE)
-    if output.finished:
-        return _already_finished(output)
+
+def _score_locked(cfg: ScoreConfig) -> dict:
+    from sentiment_ray.scorer import check_loadable
+
+    # Every check before open_resumable_output, which with --overwrite drops an unfinished run's work.
     inputs = check_inputs(cfg)
+    refuse_overlap(cfg.output, [cfg.input, *inputs["files"]], "score input")
     adapter = str(Path(cfg.adapter).expanduser().resolve()) if cfg.adapter else None
-    if adapter:
-        read_metadata(adapter)  # fail here, not in every actor, if the folder is not an adapter
+    check_loadable(adapter, cfg.model)  # weights and base model: fail here, before the work folder or any actor
+    output = open_resumable_output(cfg.output, cfg.overwrite, cfg.resume, MANIFEST_FILE)
     model = to_dict(cfg.model)
     if model["name_or_path"] and Path(model["name_or_path"]).expanduser().exists():
         model["name_or_path"] = str(Path(model["name_or_path"]).expanduser().resolve())
+    if output.finished:
+        return _already_finished(output, make_plan(cfg, inputs, adapter, model))
     plan = load_or_start_plan(output.work, make_plan(cfg, inputs, adapter, model))
     units = [WorkUnit.from_dict(u) for u in plan["units"]]
     pending = [u for u in units if not unit_is_done(output.work, u)]
@@ -405,10 +433,10 @@ def run_scoring(cfg: ScoreConfig) -> dict:
     started = time.perf_counter()
     outcomes: Counter = Counter()
     if pending:
-        job = {"work_dir": str(output.work), "id_column": cfg.id_column, "text_column": cfg.text_column,
+        job = {"work_dir": str(output.work), "id_column": inputs["id_column"], "text_column": cfg.text_column,
                "keep_columns": list(cfg.keep_columns), "batch_size": cfg.batch_size,
                "derived_ids": inputs["derived_ids"], "skip_unreadable_files": cfg.skip_unreadable_files,
-               "schema": inputs["schema"]}
+               "schema": inputs["schema"], "run_id": uuid.uuid4().hex}
         outcomes = score_pending_units(cfg, pending, {
             "adapter": adapter, "model": model, "prompt": cfg.prompt.to_dict(), "job": job,
             "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor)),
@@ -446,17 +474,18 @@ def _commit(cfg: ScoreConfig, output: ResumableOutput, plan: dict, inputs: dict,
         "units": {"total": len(units), "committed_before_this_run": len(units) - len(pending),
                   "scored_this_run": outcomes.get("committed", 0) + outcomes.get("already_committed", 0),
                   "skipped_this_run": outcomes.get("skipped", 0), "rows_per_unit": plan["rows_per_unit"]},
-        "ids": (f"derived: '<file key>:<row index>' in column {cfg.id_column!r}" if inputs["derived_ids"]
-                else f"input column {cfg.id_column!r}"),
+        "ids": (f"derived: '<file key>:<row index>' in column {inputs['id_column']!r}" if inputs["derived_ids"]
+                else f"input column {inputs['id_column']!r}"),
         "adapter": counted["adapter"],
         "input_files": inputs["files"],
         "seconds": round(seconds, 2),
         # This run's work only: rows scored now over this run's wall time (start-up included).
         "rows_per_second": round(scored_now / seconds, 2) if seconds and scored_now else None,
         "config": to_dict(cfg),
+        "plan_settings": plan["settings"],  # what a later --resume on this finished output checks its inputs against
     }
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    commit(staging, output.final, cfg.overwrite)
+    commit(staging, output.final, cfg.overwrite, MANIFEST_FILE)
     shutil.rmtree(output.work, ignore_errors=True)
     skipped = (f"; SKIPPED {counted['rows_skipped']} rows in {len(counted['units_skipped'])} unit(s) and "
                f"{len(inputs['unreadable'])} unreadable file(s)") if counted["rows_skipped"] or inputs["unreadable"] else ""
@@ -467,8 +496,18 @@ def _commit(cfg: ScoreConfig, output: ResumableOutput, plan: dict, inputs: dict,
     return {**manifest, "output": str(output.final)}
 
 
-def _already_finished(output: ResumableOutput) -> dict:
-    shutil.rmtree(output.work, ignore_errors=True)  # left behind if the driver died right after the rename
+def _already_finished(output: ResumableOutput, plan: dict) -> dict:
+    """`--resume` on a finished output: nothing to score, if it was scored from these inputs and settings."""
     manifest = json.loads((output.final / MANIFEST_FILE).read_text())
+    recorded = manifest.get("plan_settings")
+    if recorded is None:
+        raise OutputExistsError(f"output {output.final} is complete, but its manifest predates the record of its "
+                                "inputs, so --resume cannot check that it matches them; pass --overwrite to score again")
+    changed = [key for key, value in plan["settings"].items() if recorded.get(key) != value]
+    if changed:
+        raise OutputExistsError(f"output {output.final} is complete, but it was scored from other "
+                                f"{', '.join(changed)} than this run's; pass --overwrite to score again, or choose "
+                                "a new output")
+    shutil.rmtree(output.work, ignore_errors=True)  # left behind if the driver died right after the rename
     print(f"[score] {output.final} is already complete ({manifest['rows_out']} rows); nothing to resume", flush=True)
     return {**manifest, "output": str(output.final)}

@@ -10,6 +10,7 @@ way it reports resumable trainer checkpoints, so a killed worker or a rerun cont
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import shutil
 import tempfile
@@ -17,11 +18,16 @@ import time
 from pathlib import Path
 
 from sentiment_ray.config import FinetuneConfig, build_config
-from sentiment_ray.data import fingerprint, load_labeled_hf, load_labeled_parquet
-from sentiment_ray.outputs import check_output_free, commit, staging_dir
+from sentiment_ray.data import InputError, fingerprint, load_labeled_hf, load_labeled_parquet
+from sentiment_ray.labels import CLASS_NAMES
+from sentiment_ray.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
+
+logger = logging.getLogger(__name__)
 
 
 def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]:
+    """The training rows, shuffled and limited, checked (InputError naming the file and row) on the driver, so
+    that bad data ends the command before Ray starts rather than inside the training worker."""
     data = cfg.data
     if data.train.startswith("hf:"):
         texts, labels = load_labeled_hf(data.train[3:], data.hf_split, data.text_column, data.label_column)
@@ -34,6 +40,12 @@ def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]
         order = order[: data.limit]
     texts = [texts[i] for i in order]
     labels = [labels[i] for i in order]
+    if not texts:
+        held = f" (its {len(files)} Parquet file(s) hold 0 rows)" if files else ""
+        raise InputError(f"{data.train}: no training rows{held}; finetuning needs at least one labeled review")
+    if len(set(labels)) == 1:
+        logger.warning("%s: all %d training rows are %s; the adapter will learn that one class only",
+                       data.train, len(labels), CLASS_NAMES[labels[0]])
     info = {
         "source": data.train,
         "files": files,
@@ -289,11 +301,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from sentiment_ray import backends, faults
-    from sentiment_ray.metadata import read_metadata
+    from sentiment_ray.metadata import METADATA_FILE, read_metadata
     from sentiment_ray.ray_cluster import ensure_ray
     from sentiment_ray.train_checkpoints import claim_run, run_identity
 
-    final = check_output_free(cfg.output_dir, cfg.overwrite)
+    # Every check on the output and the data before Ray starts: an hour of training must not end in a refusal.
+    if not cfg.data.train.startswith("hf:"):
+        refuse_overlap(cfg.output_dir, [cfg.data.train], "training data")
+    final = check_output_location_free(cfg.output_dir, cfg.overwrite, METADATA_FILE)
     texts, labels, data_info = load_training_rows(cfg)
     print(f"[finetune] {len(texts)} training rows from {cfg.data.train} (fingerprint {data_info['fingerprint']})", flush=True)
     # Resolved on the driver: relative paths break in workers, and the embedded model is built once here.
@@ -336,9 +351,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if result.checkpoint is None:
         raise RuntimeError("the training worker finished without reporting an adapter checkpoint")
 
-    staging = staging_dir(final)
-    result.checkpoint.to_directory(str(staging))
-    commit(staging, final, cfg.overwrite)
+    if final.is_local:
+        staging = staging_dir(Path(final.path))
+        result.checkpoint.to_directory(str(staging))
+        commit(staging, Path(final.path), cfg.overwrite, METADATA_FILE)
+    else:  # an object store: the adapter is fetched into a local folder, then uploaded file by file
+        staging = Path(tempfile.mkdtemp(prefix="sentiment-ray-adapter-"))
+        result.checkpoint.to_directory(str(staging))
+        upload_output(staging, final, cfg.overwrite, METADATA_FILE)
+        shutil.rmtree(staging, ignore_errors=True)
     metadata = read_metadata(final)
     wall = time.perf_counter() - started
     print(
@@ -346,4 +367,4 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         f"loss {metadata.metrics['train_loss']}, {wall:.1f} s wall (Ray Train included)",
         flush=True,
     )
-    return {**metadata.to_dict(), "adapter_dir": str(final), "wall_seconds": round(wall, 2)}
+    return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": round(wall, 2)}

@@ -39,37 +39,27 @@ def run_identity(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
     return json.loads(json.dumps(identity))  # as read back from storage: tuples become lists
 
 
-def _storage(storage_path: str):
-    import pyarrow.fs
-
-    if "://" in storage_path:
-        return pyarrow.fs.FileSystem.from_uri(storage_path)
-    return pyarrow.fs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
-
-
 def claim_run(storage_path: str, run_name: str, identity: dict) -> bool:
     """Record this run's identity in storage; True when the run already exists there (a rerun that resumes).
 
     Raises ResumeMismatchError, naming the file and the differing settings, when a run of that name was
     started with other data or settings.
     """
-    import pyarrow.fs
+    from sentiment_ray.storage import location
 
-    fs, root = _storage(storage_path)
-    path = f"{root.rstrip('/')}/{run_name}/{RUN_IDENTITY_FILE}"
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
-        with fs.open_input_stream(path) as stream:
-            recorded = json.loads(stream.read())
+    run = location(storage_path).join(run_name)
+    identity_file = run.join(RUN_IDENTITY_FILE)
+    if identity_file.is_file():
+        recorded = json.loads(identity_file.read_text())
         if recorded != identity:
             differing = sorted(k for k in identity if recorded.get(k) != identity[k])
             raise ResumeMismatchError(
                 f"Ray Train run {run_name!r} in {storage_path} was started with other {', '.join(differing)} "
-                f"(recorded in {path}); resuming it would mix two trainings. Choose another ray.run_name, "
+                f"(recorded in {identity_file}); resuming it would mix two trainings. Choose another ray.run_name, "
                 "or delete that run folder to start over.")
         return True
-    fs.create_dir(f"{root.rstrip('/')}/{run_name}", recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(json.dumps(identity, indent=2, sort_keys=True).encode())
+    run.makedirs()
+    identity_file.write_bytes(json.dumps(identity, indent=2, sort_keys=True).encode())
     return False
 
 

@@ -81,9 +81,11 @@ def plan_units(files: list[str], rows_per_unit: int) -> list[WorkUnit]:
 
 
 def read_unit(unit: WorkUnit, columns: list[str]) -> pa.Table:
-    """The unit's rows (those of `columns` that the file has), decoding only the row groups that hold them."""
+    """The unit's rows (those of `columns` that the file has, each once: the text column may also be a kept
+    one), decoding only the row groups that hold them. Values are not validated: a string cell with invalid
+    UTF-8 bytes is read as it is, and copied as it is."""
     parquet = open_parquet(unit.file)
-    present = [c for c in columns if c in parquet.schema_arrow.names]
+    present = [c for c in dict.fromkeys(columns) if c in parquet.schema_arrow.names]
     groups, first_row = [], None
     for index, (start, stop) in enumerate(_row_group_ranges(unit.file)):
         if start < unit.stop and stop > unit.start:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -50,9 +51,11 @@ def write_reviews(path: Path, texts, labels=None, ids=None, **extra) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     """One private Ray for the whole test session (starting Ray costs seconds); 3 logical CPUs on 2 cores so
-    that two 1-CPU scoring actors never starve Ray Data's read tasks."""
+    that two 1-CPU scoring actors never starve Ray Data's read tasks. It starts after `s3_server`, so that its
+    workers inherit the AWS_* variables that lead to the test S3 server (Ray workers see only the environment
+    that the driver had when Ray started)."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="sr-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -60,6 +63,17 @@ def ray_session():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """For checks that must end a command before any Ray work: starting (or joining) Ray fails the test."""
+    from sentiment_ray import ray_cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started: the command should have stopped before any Ray work")
+
+    monkeypatch.setattr(ray_cluster, "ensure_ray", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +104,71 @@ def random_adapter(tiny_model_dir, tmp_path_factory):
     AdapterMetadata(base_model=str(tiny_model_dir), backend="hf", prompt=RANDOM_ADAPTER_SPEC,
                     label_token_ids=list(encoder.label_token_ids)).write(folder)
     return folder
+
+
+# ------------------------------------------------------------------------------------------ a real S3 API
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Server:
+    endpoint: str  # http://127.0.0.1:<port>, also in AWS_ENDPOINT_URL for the session
+
+    def create_bucket(self, name: str) -> str:
+        """Create a bucket (moto refuses names under 3 characters); returns its URI, `s3://<name>`."""
+        import pyarrow.fs as pafs
+
+        pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")[0].create_dir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API (`moto_server` of the test extra) on a free local port for the whole session, reached the way
+    users reach theirs: through AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION in
+    os.environ (restored afterwards), never a patched client. Ray workers see these variables only when Ray
+    starts after this fixture: `ray_session` depends on it for that reason."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log, "wb") as log_file:
+        moto_server = Path(sys.executable).parent / "moto_server"
+        server = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(port)], stdout=log_file,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}: {log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        settings = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        cleared = ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+        saved = {k: os.environ.get(k) for k in (*settings, *cleared)}
+        for key in cleared:
+            os.environ.pop(key, None)
+        os.environ.update(settings)
+        yield S3Server(endpoint)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

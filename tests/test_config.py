@@ -78,3 +78,14 @@ def test_local_ray_leaves_a_cpu_for_ray_data(monkeypatch):
     for path in sorted((CONFIGS / "score").glob("*cpu*.yaml")) + [CONFIGS / "score" / "tiny_test.yaml"]:
         cfg = load_config(ScoreConfig, path, ["input=x", "output=y"])
         assert cfg.pool_size * cfg.num_cpus_per_actor < 3, path.name
+
+
+def test_id_column_is_unset_unless_named(tmp_path):
+    """Unset: "id" when the files have it, else derived ids; a name given is a column the files must have
+    (tests/test_scoring.py), so the shipped configs leave it unset."""
+    for path in sorted((CONFIGS / "score").glob("*.yaml")):
+        assert load_config(ScoreConfig, path, ["input=x", "output=y"]).id_column is None, path.name
+    assert load_config(ScoreConfig, _write(tmp_path, "id_column: review_id\n"), ["input=x", "output=y"]).id_column \
+        == "review_id"
+    with pytest.raises(ConfigError, match="id_column must be a string"):
+        load_config(ScoreConfig, None, ["input=x", "output=y", "id_column=[a]"])

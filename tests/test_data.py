@@ -1,3 +1,5 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sentiment_ray.data import (
@@ -5,6 +7,7 @@ from sentiment_ray.data import (
     fingerprint,
     load_labeled_parquet,
     resolve_parquet_files,
+    text_values,
 )
 from tests.conftest import write_reviews
 
@@ -16,6 +19,31 @@ def test_resolve_file_folder_and_glob(tmp_path):
     assert resolve_parquet_files(str(a)) == [str(a)]
     assert resolve_parquet_files(str(tmp_path)) == [str(a), str(b)]
     assert resolve_parquet_files(str(tmp_path / "*.parquet")) == [str(a)]
+
+
+def test_a_folder_reads_only_the_reviews_in_it(tmp_path):
+    """An earlier output, this tool's hidden work and staging folders, and `_`/`.` files are not reviews."""
+    review = write_reviews(tmp_path / "reviews.parquet", ["x"], [1])
+    nested = tmp_path / "2024"
+    nested.mkdir()
+    deeper = write_reviews(nested / "b.parquet", ["y"], [0])
+    for hidden in (".scored.partial/units/u-0.parquet", ".scored.tmp-1a2b/part-00000.parquet", "_scored/part.parquet",
+                   "2024/_old/p.parquet", "2024/.cache/p.parquet", "_metadata.parquet", ".hidden.parquet",
+                   "2024/_c.parquet"):
+        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
+        write_reviews(tmp_path / hidden, ["not a review"], [1])
+    (tmp_path / "_sentiment_ray_manifest.json").write_text("{}")
+    assert resolve_parquet_files(str(tmp_path)) == [str(deeper), str(review)]
+    assert resolve_parquet_files(f"file://{tmp_path}") == [f"file://{deeper}", f"file://{review}"]
+    # a glob skips them too, and takes only the Parquet files among what it matches (not the manifest)
+    assert resolve_parquet_files(str(tmp_path / "*")) == [str(deeper), str(review)]
+    assert resolve_parquet_files(str(tmp_path / "**" / "*.parquet")) == [str(deeper), str(review)]
+    assert resolve_parquet_files(str(tmp_path / "20*")) == [str(deeper)]  # a folder matched: its reviews
+    # ... unless it spells them out; a plain path always names what it names
+    assert resolve_parquet_files(str(tmp_path / "_*.parquet")) == [str(tmp_path / "_metadata.parquet")]
+    assert resolve_parquet_files(str(tmp_path / "2024" / "_*.parquet")) == [str(nested / "_c.parquet")]
+    assert resolve_parquet_files(str(tmp_path / "_scored")) == [str(tmp_path / "_scored" / "part.parquet")]
+    assert resolve_parquet_files(str(tmp_path / ".hidden.parquet")) == [str(tmp_path / ".hidden.parquet")]
 
 
 def test_no_files_match(tmp_path):
@@ -77,3 +105,40 @@ def test_file_uris_are_listed_and_opened(tmp_path):
     assert open_parquet(files[1]).metadata.num_rows == 2
     with pytest.raises(InputError, match="no Parquet files match"):
         resolve_parquet_files(f"file://{tmp_path}/nothing")
+
+
+def _invalid_utf8(*cells: bytes) -> pa.Array:
+    return pa.array(cells, pa.binary()).view(pa.string())  # as Parquet written by other tools can hold
+
+
+def test_invalid_utf8_text_names_file_column_and_row(tmp_path):
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"text": _invalid_utf8(b"fine", b"also fine", b"bad \xff here"), "label": [1, 0, 1]}), path)
+    with pytest.raises(InputError, match=rf"^{path}: column 'text' row 2: invalid UTF-8 byte 0xff at byte "
+                                         r"4; fix or drop such rows first$"):
+        load_labeled_parquet(str(path), "text", "label")
+    pq.write_table(pa.table({"text": ["a", "b"], "label": _invalid_utf8(b"positive", b"\xc3\x28")}), path)
+    with pytest.raises(InputError, match=r"r\.parquet: column 'label' row 1: invalid UTF-8 byte 0xc3 at "
+                                         r"byte 0;"):
+        load_labeled_parquet(str(path), "text", "label")
+    large = pa.array([b"ok", b"\xfe"], pa.large_binary()).view(pa.large_string())
+    pq.write_table(pa.table({"text": large, "label": [1, 0]}), path)
+    with pytest.raises(InputError, match=r"column 'text' row 1: invalid UTF-8 byte 0xfe at byte 0;"):
+        load_labeled_parquet(str(path), "text", "label")
+    pq.write_table(pa.table({"text": _invalid_utf8(b"tr\xc3\xa8s bien", b"ok"), "label": [1, 0]}), path)
+    assert load_labeled_parquet(str(path), "text", "label")[0] == ["très bien", "ok"]
+
+
+def test_text_values_read_string_and_binary_columns_without_failing_on_bad_bytes():
+    raw = [b"ok", b"bad \xff", None, "très".encode()]
+    strings = pa.array(raw, pa.binary()).view(pa.string())  # a string column holding invalid UTF-8, as Parquet can
+    with pytest.raises(UnicodeDecodeError):
+        strings.to_pylist()  # what used to kill the scoring job
+    expected = ["ok", "bad \udcff", None, "très"]
+    assert text_values(strings) == expected
+    assert text_values(pa.chunked_array([strings, strings]).slice(3, 3)) == expected[3:] + expected[:2]
+    assert text_values(strings.cast(pa.large_string())) == expected
+    assert text_values(pa.array(raw, pa.binary())) == expected
+    assert text_values(pa.array(raw, pa.large_binary())) == expected
+    assert text_values(pa.DictionaryArray.from_arrays(pa.array([1, 0, None]), strings)) == ["bad \udcff", "ok", None]
+    assert text_values(pa.array([3, None])) == [3, None]  # not text at all: non_string_text downstream

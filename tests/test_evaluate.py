@@ -1,9 +1,12 @@
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sentiment_ray.config import ConfigError
+from sentiment_ray.data import InputError
 from sentiment_ray.evaluate import (
     compute_metrics,
     evaluate,
@@ -13,6 +16,7 @@ from sentiment_ray.evaluate import (
     write_plots,
 )
 from sentiment_ray.labels import LabelError
+from sentiment_ray.outputs import OutputExistsError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -103,7 +107,7 @@ def test_auc_none_with_one_class():
 
 
 def test_no_rows_is_an_error():
-    with pytest.raises(ValueError, match="no scored rows"):
+    with pytest.raises(InputError, match="no scored rows"):
         compute_metrics([], [])
 
 
@@ -119,9 +123,9 @@ def test_load_scored_reads_all_files_and_ignores_manifest(example):
 
 def test_load_scored_nothing_found(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty"):
+    with pytest.raises(InputError, match=r"no Parquet files match '.*/empty'"):
         load_scored(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(InputError, match=r"no Parquet files match '.*/nope'"):
         load_scored(tmp_path / "nope")
 
 
@@ -129,7 +133,7 @@ def test_load_scored_bad_file_named(tmp_path):
     scored_dir = tmp_path / "scored"
     write_parquet(scored_dir / "part-0.parquet", **scored_columns(["a"], [0.5]))
     (scored_dir / "part-1.parquet").write_bytes(b"this is not parquet")
-    with pytest.raises(ValueError, match="part-1.parquet"):
+    with pytest.raises(InputError, match=r"part-1\.parquet: not a readable Parquet file"):
         load_scored(scored_dir)
 
 
@@ -137,7 +141,7 @@ def test_load_scored_missing_column_named(tmp_path):
     cols = scored_columns(["a"], [0.5])
     del cols["score"]
     write_parquet(tmp_path / "scored" / "part-0.parquet", **cols)
-    with pytest.raises(ValueError, match="'score'"):
+    with pytest.raises(InputError, match=r"part-0\.parquet: no score column 'score'"):
         load_scored(tmp_path / "scored")
 
 
@@ -177,24 +181,24 @@ def test_missing_label_ids(tmp_path):
     ids = [f"x{i}" for i in range(8)]
     scored = pa.table(scored_columns(ids, [0.5] * 8))
     labels = write_parquet(tmp_path / "labels.parquet", id=["x0"], label=[1])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InputError) as err:
         join_with_labels(scored, labels)
     msg = str(err.value)
-    assert "7 scored" in msg
+    assert msg.startswith(f"7 scored 'id' values have no label in {labels}, e.g. ")
     assert "'x1'" in msg and "'x5'" in msg and "'x6'" not in msg  # at most 5 examples
 
 
 def test_duplicate_ids_in_labels(tmp_path):
     scored = pa.table(scored_columns(["a", "b"], [0.5, 0.5]))
     labels = write_parquet(tmp_path / "labels.parquet", id=["a", "b", "b"], label=[1, 0, 1])
-    with pytest.raises(ValueError, match=r"duplicate.*'b'"):
+    with pytest.raises(InputError, match=r"labels .*labels\.parquet: 1 duplicate 'id' values, e\.g\. \['b'\]"):
         join_with_labels(scored, labels)
 
 
 def test_duplicate_ids_in_scored(tmp_path):
     scored = pa.table(scored_columns(["a", "a", "b"], [0.5, 0.6, 0.5]))
     labels = write_parquet(tmp_path / "labels.parquet", id=["a", "b"], label=[1, 0])
-    with pytest.raises(ValueError, match=r"scored output.*duplicate.*'a'"):
+    with pytest.raises(InputError, match=r"^scored output: 1 duplicate 'id' values, e\.g\. \['a'\]$"):
         join_with_labels(scored, labels)
 
 
@@ -210,16 +214,56 @@ def test_bad_label_value_names_file_and_row(tmp_path):
 def test_missing_label_column_named(tmp_path):
     scored = pa.table(scored_columns(["a"], [0.5]))
     labels = write_parquet(tmp_path / "labels.parquet", id=["a"], truth=[1])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InputError, match=r"labels\.parquet: no label column 'label' \(columns: \['id', 'truth'\]\)"):
         join_with_labels(scored, labels)
-    assert "labels.parquet" in str(err.value) and "'label'" in str(err.value)
 
 
 def test_missing_id_column_named(tmp_path):
     scored = pa.table(scored_columns(["a"], [0.5]))
     labels = write_parquet(tmp_path / "labels.parquet", id=["a"], label=[1])
-    with pytest.raises(ValueError, match="'doc_id'"):
+    with pytest.raises(InputError, match="scored output is missing id column 'doc_id'"):
         join_with_labels(scored, labels, id_column="doc_id")
+
+
+def test_null_ids_on_either_side(tmp_path):
+    labels = write_parquet(tmp_path / "labels.parquet", id=["a", None, "c", None], label=[1, 0, 1, 0])
+    with pytest.raises(InputError, match=rf"^{labels}: column 'id' is null in 2 row\(s\), e\.g\. rows \[1, 3\]; "
+                                         "every label needs an id"):
+        join_with_labels(pa.table(scored_columns(["a", "c"], [0.5, 0.5])), labels)
+    labels = write_parquet(tmp_path / "labels.parquet", id=["a", "c"], label=[1, 0])
+    with pytest.raises(InputError, match=r"^scored output: column 'id' is null in 1 row\(s\), e\.g\. rows \[0\]; "
+                                         "every scored row needs an id"):
+        join_with_labels(pa.table(scored_columns([None, "c"], [0.5, 0.5])), labels)
+
+
+def test_no_scored_rows_to_evaluate(tmp_path):
+    labels = write_parquet(tmp_path / "labels.parquet", id=["a", "b"], label=[1, 0])
+    scored = pa.table(scored_columns(["a", "b"], [None, None], status=["empty_text", "error"]))
+    with pytest.raises(InputError, match=r"^scored output: no scored rows to evaluate \(2 rows, statuses "
+                                         r"\{'empty_text': 1, 'error': 1\}\)$"):
+        join_with_labels(scored, labels)
+    with pytest.raises(InputError, match=r"^scored output: no scored rows to evaluate \(0 rows\)$"):
+        join_with_labels(pa.table(scored_columns([], [])).cast(pa.table(scored_columns(["a"], [0.5])).schema), labels)
+
+
+def test_unreadable_labels_and_bad_bytes_are_named(tmp_path):
+    scored = pa.table(scored_columns(["a"], [0.5]))
+    broken = tmp_path / "labels.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match=rf"^{broken}: not a readable Parquet file \(.+\)$"):
+        join_with_labels(scored, broken)
+    ids = pa.array([b"a", b"b\xff"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ids, "label": [1, 0]}), broken)
+    with pytest.raises(InputError, match=rf"^{broken}: column 'id' row 1: invalid UTF-8 byte 0xff at "
+                                         r"byte 1;"):
+        join_with_labels(scored, broken)
+
+
+def test_scored_files_that_do_not_fit_together(tmp_path):
+    write_parquet(tmp_path / "scored" / "part-0.parquet", **scored_columns(["a"], [0.5]))
+    write_parquet(tmp_path / "scored" / "part-1.parquet", **{**scored_columns(["b"], [0.5]), "id": [7]})
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'scored'}: the scored files do not share one set of columns"):
+        load_scored(tmp_path / "scored")
 
 
 def test_unscored_rows_excluded_and_counted(tmp_path):
@@ -261,11 +305,64 @@ def test_evaluate_refuses_to_overwrite(example, tmp_path):
     out = tmp_path / "eval"
     evaluate(scored_dir, labels, out)
     (out / "metrics.json").write_text('{"marker": true}')
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(OutputExistsError, match=f"^output {out} already exists; choose a new path or pass "
+                                                "--overwrite to replace it$"):
         evaluate(scored_dir, labels, out)
     assert json.loads((out / "metrics.json").read_text()) == {"marker": True}
+    (out / "my-notes.txt").write_text("mine")  # beside an evaluation: kept, evaluate writes only its own files
     evaluate(scored_dir, labels, out, overwrite=True)
     assert json.loads((out / "metrics.json").read_text())["n"] == 8
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "metrics.json", "my-notes.txt",
+                                                     "score_histogram.png"]
+
+
+def test_evaluate_never_writes_into_a_folder_of_other_things(example, tmp_path):
+    scored_dir, labels = example
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "confusion_matrix.png").write_bytes(b"the user's own figure")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match=rf"^output {out} holds 1 entry not written by sentiment-ray, "
+                                                    r"e\.g\. confusion_matrix\.png; choose another path"):
+            evaluate(scored_dir, labels, out, overwrite=overwrite)
+    assert [p.name for p in out.iterdir()] == ["confusion_matrix.png"]
+    assert (out / "confusion_matrix.png").read_bytes() == b"the user's own figure"
+
+
+def test_evaluate_output_may_not_overlap_its_inputs(example, tmp_path):
+    scored_dir, labels = example
+    before = labels.read_bytes()
+    for out, message in ((labels, f"output {labels} is the --labels path {labels}"),
+                         (scored_dir / "eval",
+                          f"output {scored_dir / 'eval'} lies inside the --scored path {scored_dir}"),
+                         # <output>/scored is evaluate's own layout (test below); the labels file is not
+                         (tmp_path, f"output {tmp_path} contains the --labels path {labels}")):
+        with pytest.raises(OutputExistsError, match=f"^{message}; choose an output outside the inputs$"):
+            evaluate(scored_dir, labels, out, overwrite=True)
+    nested = tmp_path / "runs" / "one" / "scored"
+    shutil.copytree(scored_dir, nested)
+    with pytest.raises(OutputExistsError, match=f"^output {tmp_path / 'runs'} contains the --scored path {nested};"):
+        evaluate(nested, labels, tmp_path / "runs", overwrite=True)
+    assert labels.read_bytes() == before and sorted(p.name for p in scored_dir.iterdir()) == [
+        "_sentiment_ray_manifest.json", "part-0.parquet", "part-1.parquet"]
+
+
+def test_evaluate_beside_its_own_scored_folder(example, tmp_path):
+    """`evaluate --input` and the demo write <output>/scored first, then evaluate it into <output>."""
+    scored_dir, labels = example
+    run = tmp_path / "run"
+    run.mkdir()
+    scored_dir.rename(run / "scored")
+    metrics = evaluate(run / "scored", labels, run)
+    assert metrics["n"] == 8 and (run / "metrics.json").exists() and (run / "scored" / "part-0.parquet").exists()
+
+
+@pytest.mark.parametrize("threshold", [7, -0.1, 1.5, float("nan")])
+def test_threshold_outside_0_1_is_refused(example, tmp_path, threshold):
+    scored_dir, labels = example
+    with pytest.raises(ConfigError, match=r"^threshold must be in \[0, 1\] \(a score >= it is positive\), got "):
+        evaluate(scored_dir, labels, tmp_path / "eval", threshold=threshold)
+    assert not (tmp_path / "eval").exists()
 
 
 def test_evaluate_threshold_and_unscored(tmp_path):

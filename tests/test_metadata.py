@@ -58,3 +58,60 @@ def test_unknown_format_version(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(AdapterError, match="format_version 99"):
         read_metadata(tmp_path / "a")
+
+
+# ---------------------------------------------------------------------------------- checks before work starts
+
+
+def _copy(adapter, tmp_path):
+    import shutil
+
+    return shutil.copytree(adapter, tmp_path / "adapter")
+
+
+def test_a_sound_adapter_and_its_recorded_base_pass_the_check(random_adapter, tiny_model_dir):
+    from sentiment_ray.metadata import check_adapter_loadable
+
+    assert check_adapter_loadable(random_adapter).base_model == str(tiny_model_dir)
+    assert check_adapter_loadable(random_adapter, base_override=str(tiny_model_dir)).base_model == str(tiny_model_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_unreadable_adapter_weights_are_named(random_adapter, tmp_path, damage):
+    from sentiment_ray.metadata import check_adapter_loadable
+
+    weights = _copy(random_adapter, tmp_path) / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file",
+                         "empty": b""}[damage])
+    with pytest.raises(AdapterError, match=rf"^{weights}: not readable safetensors \(.*header.*\); the file is "
+                                           "truncated or damaged"):
+        check_adapter_loadable(weights.parent)
+
+
+def test_missing_base_model_is_named_with_where_it_was_recorded(random_adapter, tmp_path):
+    from sentiment_ray.metadata import check_adapter_loadable
+
+    adapter = _copy(random_adapter, tmp_path)
+    recorded = json.loads((adapter / "sentiment_ray.json").read_text())
+    recorded["base_model"] = str(tmp_path / "gone" / "base")
+    (adapter / "sentiment_ray.json").write_text(json.dumps(recorded))
+    with pytest.raises(AdapterError) as caught:
+        check_adapter_loadable(adapter)
+    assert str(caught.value) == (f"base model {tmp_path / 'gone' / 'base'} recorded in {adapter / 'sentiment_ray.json'}"
+                                 " cannot be found: no such folder; pass --base-model to name it")
+
+
+def test_base_model_override_must_be_a_model_folder_or_a_resolvable_hub_id(random_adapter, tmp_path):
+    from sentiment_ray.metadata import check_adapter_loadable, check_base_model
+
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(AdapterError, match=r"not-a-model has no config\.json; check --base-model"):
+        check_adapter_loadable(random_adapter, base_override=str(tmp_path / "not-a-model"))
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
+    (tmp_path / "not-a-model" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(AdapterError, match=r"has no \*\.safetensors weights"):
+        check_base_model(str(tmp_path / "not-a-model"))
+    # a hub id that is neither a local folder nor in the cache (the tests run with HF_HUB_OFFLINE=1)
+    with pytest.raises(AdapterError, match=r"^base model nobody/no-such-model-xyz cannot be found: \w+"):
+        check_base_model("nobody/no-such-model-xyz")

@@ -100,14 +100,22 @@ def test_length_sorted_forward_groups_respect_the_budget_and_change_nothing(rand
 
 
 def test_bad_rows_get_a_status_and_no_score(random_adapter):
-    from sentiment_ray.scorer import STATUS_NON_STRING
+    from sentiment_ray.scorer import STATUS_INVALID_UTF8, STATUS_NON_STRING
 
     scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
-    result = scorer.score_texts(["good", 7, b"bytes", None, "bad"])
-    assert result.statuses == [STATUS_OK, STATUS_NON_STRING, STATUS_NON_STRING, STATUS_EMPTY, STATUS_OK]
-    assert [s is None for s in result.scores] == [False, True, True, True, False]
-    assert result.errors == [None] * 5
+    texts = ["good", 7, b"bytes are fine", b"bad \xff", "bad \udcff", "\ud800 alone", None, "très bien", "bad"]
+    result = scorer.score_texts(texts)
+    assert result.statuses == [STATUS_OK, STATUS_NON_STRING, STATUS_OK, STATUS_INVALID_UTF8, STATUS_INVALID_UTF8,
+                               STATUS_INVALID_UTF8, STATUS_EMPTY, STATUS_OK, STATUS_OK]
+    assert [s is None for s in result.scores] == [False, True, False, True, True, True, True, False, False]
+    assert result.errors == [None, None, None, "invalid UTF-8 byte 0xff at byte 4",
+                             "invalid UTF-8 byte 0xff at byte 4",  # "\udcff": byte 0xff under surrogateescape
+                             "lone surrogate U+D800 at character 0", None, None, None]
+    # valid UTF-8 bytes are the text they encode; the bad rows do not change the others' scores
+    assert result.scores[2] == pytest.approx(scorer.score_texts(["bytes are fine"]).scores[0], abs=1e-6)
+    assert result.scores[0] == pytest.approx(scorer.score_texts(["good"]).scores[0], abs=1e-6)
     assert scorer.score_texts([1, 2]).statuses == [STATUS_NON_STRING] * 2  # a batch with nothing to score
+    assert scorer.score_texts([b"\xc3\x28"]).errors == ["invalid UTF-8 byte 0xc3 at byte 0"]
 
 
 def test_text_that_tokenizes_to_nothing_is_marked(random_adapter, monkeypatch):

@@ -1,11 +1,14 @@
 """The scoring job on a private local Ray: several files, a pool of two actors, bad inputs."""
 
+import hashlib
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sentiment_ray.cli import main
 from sentiment_ray.config import ScoreConfig, load_config
 from sentiment_ray.data import InputError
 from sentiment_ray.outputs import OutputExistsError
@@ -87,16 +90,23 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(adapter_dir, tm
     out = tmp_path / "scored"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    for flags in ([], ["resume=true"], ["overwrite=true"]):  # not written by this tool: no flag replaces it
+        with pytest.raises(OutputExistsError, match=f"^output {out} holds 1 entry not written by sentiment-ray, "
+                                                    r"e\.g\. precious\.txt; choose another path"):
+            run_scoring(_config(adapter_dir, path, out, *flags))
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    run_scoring(_config(adapter_dir, path, out))  # an empty folder is free
+    with pytest.raises(OutputExistsError, match="--resume .* or --overwrite"):
         run_scoring(_config(adapter_dir, path, out))
-    with pytest.raises(OutputExistsError, match="not written by this tool"):
-        run_scoring(_config(adapter_dir, path, out, "resume=true"))
-    assert (out / "precious.txt").read_text() == "keep me"
-    run_scoring(_config(adapter_dir, path, out, "overwrite=true"))
-    assert pq.read_table(out).num_rows == 1 and not (out / "precious.txt").exists()
+    # an earlier output of this tool (it holds the manifest) is replaced with --overwrite, nothing left behind
+    write_reviews(path, ["good", "bad"], ids=["a", "b"])
+    assert run_scoring(_config(adapter_dir, path, out, "overwrite=true"))["rows_out"] == 2
+    assert pq.read_table(out).column("id").to_pylist() == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "scored"]  # no hidden .scored.* left
     # --resume on a finished output leaves it as it is and reports it
     before = (out / MANIFEST_FILE).read_text()
-    assert run_scoring(_config(adapter_dir, path, out, "resume=true"))["rows_out"] == 1
+    assert run_scoring(_config(adapter_dir, path, out, "resume=true"))["rows_out"] == 2
     assert (out / MANIFEST_FILE).read_text() == before
 
 
@@ -152,3 +162,60 @@ def test_evaluate_scores_a_labeled_file_in_one_go(adapter_dir, tmp_path, capsys)
     assert metrics["n"] == 40 and metrics["n_unscored"] == 0 and 0.0 <= metrics["accuracy"] <= 1.0
     assert pq.read_table(out / "scored").num_rows == 40
     assert "accuracy" in capsys.readouterr().out.lower()
+
+
+def _checksums(folder):
+    """Every file and folder under `folder`, with the files' content hashes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ["truncated_weights", "missing_base", "zero_shot_missing_base", "explicit_id_column"])
+def test_checks_before_work_exit_2_with_one_line_and_write_nothing(random_adapter, tmp_path, capsys, case):
+    """Found on the driver before the work folder exists or any actor starts (no Ray is running here)."""
+    adapter = shutil.copytree(random_adapter, tmp_path / "adapter")
+    write_reviews(tmp_path / "in.parquet", ["fine", "awful"], ids=["a", "b"])
+    weights = adapter / "adapter_model.safetensors"
+    flags = ["--adapter", str(adapter)]
+    if case == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        message = f"{weights}: not readable safetensors (Error while deserializing header"
+    elif case == "missing_base":
+        recorded = json.loads((adapter / "sentiment_ray.json").read_text())
+        recorded["base_model"] = str(tmp_path / "moved-away")
+        (adapter / "sentiment_ray.json").write_text(json.dumps(recorded))
+        message = (f"base model {tmp_path / 'moved-away'} recorded in {adapter / 'sentiment_ray.json'} cannot be "
+                   "found: no such folder; pass --base-model to name it")
+    elif case == "zero_shot_missing_base":
+        flags = ["--base-model", str(tmp_path / "no-model")]
+        message = f"base model {tmp_path / 'no-model'} cannot be found: no such folder"
+    else:
+        flags += ["--id-column", "review_id"]
+        message = (f"{tmp_path / 'in.parquet'}: no id column 'review_id' (columns: ['id', 'text']); name a column "
+                   "the input files have, or set no id column to derive ids '<file key>:<row index>'")
+    before = _checksums(tmp_path)
+    assert main(["score", "--config", str(REPO_ROOT / "configs" / "score" / "tiny_test.yaml"), *flags,
+                 "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sentiment-ray score: error: {message}") and len(err.strip().splitlines()) == 1
+    assert _checksums(tmp_path) == before  # no out, no .out.partial, no staging folder; inputs untouched
+
+
+def test_the_id_column_is_id_when_the_files_have_it_else_derived_and_a_named_one_must_exist(tmp_path):
+    from sentiment_ray.scoring import check_inputs
+
+    with_id = write_reviews(tmp_path / "with-id.parquet", ["x"], ids=["a"])
+    other_id = write_reviews(tmp_path / "other.parquet", ["x"], ids=["a"], review_id=["r1"])
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "no-id.parquet")
+
+    def rule(path, *extra):
+        inputs = check_inputs(load_config(ScoreConfig, None, [f"input={path}", "output=o", *extra]))
+        return inputs["id_column"], inputs["derived_ids"], inputs["schema"].field(0).type
+
+    assert rule(with_id) == ("id", False, pa.string())
+    assert rule(tmp_path / "no-id.parquet") == ("id", True, pa.string())
+    assert rule(other_id, "id_column=review_id") == ("review_id", False, pa.string())
+    with pytest.raises(InputError, match=r"no-id\.parquet: no id column 'id' \(columns: \['text'\]\); name a column"):
+        rule(tmp_path / "no-id.parquet", "id_column=id")  # named explicitly: no silent switch to derived ids
+    with pytest.raises(InputError, match=r"no-id\.parquet: no id column 'review_id'.*but .*other\.parquet has one"):
+        rule(tmp_path / "*.parquet", "id_column=review_id")

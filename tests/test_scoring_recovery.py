@@ -151,24 +151,47 @@ def test_bad_rows_are_marked_and_the_job_goes_on(ray_session, random_adapter, tm
     folder.mkdir()
     long_review = "a dull and tedious film. " * 4000 + "but the ending is wonderful"  # 100,000 characters
     assert len(long_review) == 100_027
-    texts = ["great film", None, "", "   ", long_review, "this row POISON raises", "awful"]
-    write_reviews(folder / "strings.parquet", texts, ids=[f"s{i}" for i in range(len(texts))])
+    texts = ["great film", None, "", "   ", long_review, "this row POISON raises", "awful", b"bad \xff",
+             b"\xc3\x28 broken", "très bien"]
+    raw = [t.encode() if isinstance(t, str) else t for t in texts]
+    # a string column holding invalid UTF-8 bytes, as Parquet files written by other tools can
+    write_reviews(folder / "strings.parquet", pa.array(raw, pa.binary()).view(pa.string()),
+                  ids=[f"s{i}" for i in range(len(texts))])
+    write_reviews(folder / "binary.parquet", pa.array([b"great film", b"bad \xfe", None], pa.binary()),
+                  ids=["b0", "b1", "b2"])
     pq.write_table(pa.table({"id": ["n0", "n1"], "text": [3, 4]}), folder / "numbers.parquet")
     monkeypatch.setenv(FAIL_TEXT, "POISON")  # any batch holding this row raises, every time it is tried
     out = tmp_path / "scored"
     summary = run_scoring(_config(random_adapter, folder, out))
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
-    assert len(rows) == 9
+    assert len(rows) == 15
     assert {k: rows[k]["status"] for k in rows} == {
         "s0": "ok", "s1": "empty_text", "s2": "empty_text", "s3": "empty_text", "s4": "ok", "s5": "error",
-        "s6": "ok", "n0": "non_string_text", "n1": "non_string_text"}
+        "s6": "ok", "s7": "invalid_utf8", "s8": "invalid_utf8", "s9": "ok",
+        "b0": "ok", "b1": "invalid_utf8", "b2": "empty_text", "n0": "non_string_text", "n1": "non_string_text"}
     assert rows["s4"]["truncated"] is True and 0.0 <= rows["s4"]["score"] <= 1.0  # head_tail policy, scored
     assert "InjectedFault" in rows["s5"]["error"] and rows["s5"]["score"] is None
     assert rows["s6"]["error"] is None and rows["s6"]["label"] in ("negative", "positive")
     assert rows["n0"]["score"] is None and rows["n0"]["label"] is None
+    assert {k: (rows[k]["error"], rows[k]["score"], rows[k]["label"]) for k in ("s7", "s8", "b1")} == {
+        "s7": ("invalid UTF-8 byte 0xff at byte 4", None, None),
+        "s8": ("invalid UTF-8 byte 0xc3 at byte 0", None, None),
+        "b1": ("invalid UTF-8 byte 0xfe at byte 4", None, None)}
+    assert rows["b0"]["score"] == rows["s0"]["score"]  # a binary text column is UTF-8 text like a string one
     assert (summary["rows_in"], summary["rows_out"], summary["rows_scored"], summary["rows_marked"],
-            summary["rows_skipped"]) == (9, 9, 3, 6, 0)
-    assert summary["status_counts"] == {"ok": 3, "empty_text": 3, "error": 1, "non_string_text": 2}
+            summary["rows_skipped"]) == (15, 15, 5, 10, 0)
+    assert summary["status_counts"] == {"ok": 5, "empty_text": 4, "error": 1, "invalid_utf8": 3, "non_string_text": 2}
+
+    # The text column kept in the output, its invalid bytes included: copied byte for byte, readable.
+    kept = tmp_path / "kept"
+    run_scoring(_config(random_adapter, folder / "strings.parquet", kept, "keep_columns=[text]"))
+    table = pq.read_table(kept)
+    assert table.column_names[:2] == ["id", "text"] and table.schema.field("text").type == pa.string()
+    assert table.column("id").to_pylist() == [f"s{i}" for i in range(len(texts))]
+    assert table.column("text").cast(pa.binary()).to_pylist() == raw
+    assert {i: (st, sc) for i, st, sc in zip(table.column("id").to_pylist(), table.column("status").to_pylist(),
+                                             table.column("score").to_pylist())} == {
+        k: (rows[k]["status"], rows[k]["score"]) for k in rows if k.startswith("s")}
 
 
 def test_inputs_without_an_id_column_get_stable_derived_ids(ray_session, random_adapter, tmp_path):
@@ -210,3 +233,64 @@ def test_unreadable_files_fail_the_job_or_are_skipped_and_reported(ray_session, 
     assert [(u["file"], u["rows"]) for u in summary["units_skipped"]] == [(str(damaged), 50)]
     assert (summary["rows_in"], summary["rows_out"], summary["rows_skipped"]) == (52, 2, 50)
     assert json.loads((out / MANIFEST_FILE).read_text())["files_skipped"][0]["error"].startswith(str(folder))
+
+
+def test_attempts_that_kill_the_actor_are_counted_per_driver_run(tmp_path):
+    from types import SimpleNamespace
+
+    from sentiment_ray.work_units import WorkUnit
+
+    (tmp_path / UNITS_DIR).mkdir()
+    unit = WorkUnit(0, str(tmp_path / "in.parquet"), "in.parquet", 0, 10)
+    first_run = SimpleNamespace(work=tmp_path, job={"run_id": "first"})
+    for _ in range(scoring.UNIT_ATTEMPTS):  # the actor died mid-unit each time: attempts pile up within the run
+        scoring.ScoringActor._count_attempt(first_run, unit)
+    with pytest.raises(InputError, match=r"in\.parquet rows 0-9: 4 attempts in this run ended with the scoring process"):
+        scoring.ScoringActor._count_attempt(first_run, unit)
+    # The driver was killed and rerun with --resume, again and again: those attempts ended with the driver,
+    # not with the unit's rows, so a new run starts counting afresh.
+    for run in ("second", "third", "fourth", "fifth", "sixth"):
+        scoring.ScoringActor._count_attempt(SimpleNamespace(work=tmp_path, job={"run_id": run}), unit)
+
+
+def test_resume_of_a_finished_output_checks_that_the_inputs_still_match(ray_session, random_adapter, tmp_path):
+    from sentiment_ray.outputs import OutputExistsError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_reviews(folder / "a.parquet", ["good", "bad", "fine"], ids=["a0", "a1", "a2"])
+    out = tmp_path / "scored"
+    run_scoring(_config(random_adapter, folder, out))
+    again = run_scoring(_config(random_adapter, folder, out, "resume=true"))
+    assert again["rows_out"] == 3 and again["output"] == str(out)
+
+    write_reviews(folder / "a.parquet", ["good", "bad", "fine", "new"], ids=["a0", "a1", "a2", "a3"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputExistsError, match="is complete, but it was scored from other inputs"):
+        run_scoring(_config(random_adapter, folder, out, "resume=true"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused, nothing touched
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(random_adapter, reviews, reference,
+                                                                           tmp_path):
+    out, work = tmp_path / "scored", tmp_path / ".scored.partial"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sr-int-", dir="/tmp")
+    process = subprocess.Popen(_score_command(random_adapter, reviews, out), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO_ROOT)
+    deadline = time.time() + 180
+    while not list((work / UNITS_DIR).glob("*.parquet")):
+        assert process.poll() is None and time.time() < deadline, "no unit committed within 180 s"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("sentiment-ray ")]
+    assert ours == ["sentiment-ray score: interrupted; the work units committed so far are kept: rerun the same "
+                    "command with --resume to continue"]
+    assert "Traceback" not in err and not out.exists()
+    resumed = subprocess.run(_score_command(random_adapter, reviews, out, "--resume"), env=env, capture_output=True,
+                             text=True, cwd=REPO_ROOT, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_as_reference(out, reference)

@@ -1,17 +1,21 @@
 """The finetune job on the tiny model, through Ray Train, then scored: proves labels, masks and scoring agree."""
 
 import json
+import logging
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sentiment_ray.config import FinetuneConfig, ModelConfig, load_config
-from sentiment_ray.metadata import read_metadata
-from sentiment_ray.outputs import OutputExistsError
+from sentiment_ray.data import InputError
+from sentiment_ray.metadata import METADATA_FILE, read_metadata
+from sentiment_ray.outputs import OutputExistsError, OutputNotWritableError
 from sentiment_ray.scorer import SentimentScorer
 from sentiment_ray.tiny_model import synthetic_reviews
-from sentiment_ray.train import run_finetune
-from tests.conftest import REPO_ROOT
+from sentiment_ray.train import load_training_rows, run_finetune
+from tests.conftest import REPO_ROOT, write_reviews
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -68,3 +72,57 @@ def test_existing_output_is_not_overwritten(trained, tiny_model_dir, synthetic_t
     cfg = _config(tiny_model_dir, synthetic_train_file, trained[0]["adapter_dir"])
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_finetune(cfg)
+
+
+# --- checks on the driver, before Ray starts -------------------------------------------------------------
+
+
+def test_an_empty_training_set_is_refused_before_ray_starts(tiny_model_dir, tmp_path, ray_must_not_start):
+    empty = write_reviews(tmp_path / "empty.parquet", pa.array([], pa.string()), pa.array([], pa.int64()), ids=[])
+    with pytest.raises(InputError, match=rf"^{empty}: no training rows \(its 1 Parquet file\(s\) hold 0 rows\); "
+                                         "finetuning needs at least one labeled review$"):
+        run_finetune(_config(tiny_model_dir, empty, tmp_path / "adapter"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.parquet"]
+
+
+def test_one_class_only_is_warned_about(tiny_model_dir, tmp_path, caplog):
+    path = write_reviews(tmp_path / "pos.parquet", ["great", "superb", "loved it"], ["positive"] * 3)
+    with caplog.at_level(logging.WARNING, logger="sentiment_ray.train"):
+        texts, labels, info = load_training_rows(_config(tiny_model_dir, path, tmp_path / "adapter"))
+    assert (labels, info["rows"]) == ([1, 1, 1], 3)
+    assert caplog.messages == [f"{path}: all 3 training rows are positive; the adapter will learn that one class only"]
+    caplog.clear()
+    both = write_reviews(tmp_path / "both.parquet", ["great", "awful"], [1, 0])
+    with caplog.at_level(logging.WARNING, logger="sentiment_ray.train"):
+        load_training_rows(_config(tiny_model_dir, both, tmp_path / "adapter"))
+    assert caplog.messages == []
+
+
+def test_invalid_utf8_text_is_refused_naming_file_column_and_row(tiny_model_dir, tmp_path, ray_must_not_start):
+    path = tmp_path / "train.parquet"
+    texts = pa.array([b"a fine film", b"caf\xe9 au lait", b"ok"], pa.binary()).view(pa.string())  # latin-1 bytes
+    pq.write_table(pa.table({"text": texts, "label": [1, 0, 1]}), path)
+    with pytest.raises(InputError, match=rf"^{path}: column 'text' row 1: invalid UTF-8 byte 0xe9 at byte "
+                                         r"3; fix or drop such rows first$"):
+        run_finetune(_config(tiny_model_dir, path, tmp_path / "adapter"))
+
+
+def test_output_dir_is_checked_before_ray_starts(tiny_model_dir, synthetic_train_file, tmp_path, ray_must_not_start):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "ideas.md").write_text("my notes")
+    with pytest.raises(OutputExistsError, match=rf"^output {notes} holds 1 entry not written by sentiment-ray, e\.g\. "
+                                                rf"ideas\.md; choose another path \(--overwrite replaces only a folder "
+                                                rf"holding {METADATA_FILE} or an empty folder\)$"):
+        run_finetune(_config(tiny_model_dir, synthetic_train_file, notes, "overwrite=true"))
+    assert [p.name for p in notes.iterdir()] == ["ideas.md"] and (notes / "ideas.md").read_text() == "my notes"
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train = write_reviews(data / "train.parquet", ["good", "bad"], [1, 0])
+    with pytest.raises(OutputExistsError, match=rf"^output {data / 'adapter'} lies inside the training data {data};"):
+        run_finetune(_config(tiny_model_dir, data, data / "adapter"))
+    with pytest.raises(OutputExistsError, match=rf"^output {data} contains the training data {train};"):
+        run_finetune(_config(tiny_model_dir, data / "*.parquet", data, "overwrite=true"))
+    with pytest.raises(OutputNotWritableError, match=r"^output /proc/sr-adapter: cannot write in /proc"):
+        run_finetune(_config(tiny_model_dir, synthetic_train_file, "/proc/sr-adapter"))

@@ -42,3 +42,13 @@ def test_derived_ids_are_file_key_and_row_index(tmp_path):
     assert file_keys(files[:1]) == ["x.parquet"]
     unit = WorkUnit(0, files[0], "a/x.parquet", 5, 8)
     assert derived_ids(unit).to_pylist() == ["a/x.parquet:5", "a/x.parquet:6", "a/x.parquet:7"]
+
+
+def test_a_column_asked_for_twice_is_read_once_and_bad_bytes_come_back_as_they_are(tmp_path):
+    """The text column is also a kept column with `--keep-columns text`; its invalid UTF-8 cells are data too."""
+    raw = [b"fine", b"bad \xff", None]
+    path = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": pa.array(raw, pa.binary()).view(pa.string())}), path)
+    table = read_unit(WorkUnit(0, str(path), "f.parquet", 0, 3), ["id", "text", "text"])
+    assert table.column_names == ["id", "text"] and table.schema.field("text").type == pa.string()
+    assert table.column("text").cast(pa.binary()).to_pylist() == raw

@@ -1,12 +1,15 @@
 """Soak test of the scoring job: N real IMDB reviews (tiled, unique ids), one actor killed and one driver killed.
 
     python benchmarks/soak_scoring.py --rows 100000 --rows 1000000
+    python benchmarks/soak_scoring.py --rows 100000 --s3     # the output on a local S3 server (moto)
 
 For each size: tile IMDB dev into `--files` Parquet files with unique ids, run `sentiment-ray score` (zero-shot,
-the tiny random Mistral, 2 actors) as a subprocess with the actor-exit test hook armed, SIGKILL the driver and
-everything it started once `--kill-at` of the work units are committed, rerun the same command with --resume,
-then check rows in == rows out and 0 duplicate ids. Peak RSS of the driver process and of each scoring actor
-is sampled every 0.5 s with psutil. Prints one table row per size (and writes JSON with --json).
+the tiny random Mistral, 2 scoring actors) as a subprocess with the actor-exit test hook armed, SIGKILL the
+driver and everything it started once `--kill-at` of the work units are committed (their fragments tile them),
+rerun the same command with --resume, then check rows in == rows out and 0 duplicate ids. Peak RSS of the
+driver process and of each scoring actor is sampled every 0.5 s with psutil. With --s3 the output goes to a
+bucket of a moto server this script starts (configured only through AWS_* variables). Prints one table row per
+size (and writes JSON with --json).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 IMDB_CANDIDATES = [REPO.parent / "shared" / "data" / "imdb" / "dev.parquet", REPO / ".data" / "imdb" / "dev.parquet"]
-ACTOR_TITLE = "ScoringActor"  # Ray names actor processes ray::MapWorker(MapBatches(ScoringActor))
+ACTOR_TITLE = "ScoreStage"  # Ray names actor processes ray::MapWorker(MapBatches(ScoreStage))
 
 
 def tile_imdb(source: Path, rows: int, files: int, folder: Path, row_group_rows: int) -> None:
@@ -62,22 +66,55 @@ class RssSampler:
             pass
 
 
-def work_folder(output: Path) -> Path:
-    return output.parent / f".{output.name}.partial"
+def committed_units(output: str) -> int:
+    """Units whose rows the fragments already in the output hold exactly once."""
+    from sentiment_ray.scoring.output import PLAN_FILE, Fragment, tile
+    from sentiment_ray.scoring.plan import ScorePlan
+    from sentiment_ray.storage import location
+
+    folder = location(output)
+    if not folder.join(PLAN_FILE).is_file():
+        return 0
+    fragments = [f for f in (Fragment.parse(c.name) for c in folder.children()) if f is not None]
+    return sum(tile(u, fragments) is not None for u in ScorePlan.from_json(folder.join(PLAN_FILE).read_text()).units)
 
 
-def committed_units(output: Path) -> int:
-    return len(list((work_folder(output) / "units").glob("*.parquet")))
+def planned_units(output: str) -> int | None:
+    from sentiment_ray.scoring.output import PLAN_FILE
+    from sentiment_ray.storage import location
+
+    plan = location(output).join(PLAN_FILE)
+    return len(json.loads(plan.read_text())["units"]) if plan.is_file() else None
 
 
-def planned_units(output: Path) -> int | None:
-    plan = work_folder(output) / "_plan.json"
-    return len(json.loads(plan.read_text())["units"]) if plan.exists() else None
+def start_s3_server(work: Path) -> subprocess.Popen:
+    """A moto S3 server on a free port, the AWS_* variables pointing at it, and a bucket named `soak-bucket`."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=open(work / "moto.log", "w"), stderr=subprocess.STDOUT)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"], timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    import pyarrow.fs as pafs
+
+    pafs.FileSystem.from_uri("s3://soak-bucket")[0].create_dir("soak-bucket")
+    return server
 
 
 def run_score(command: list[str], env: dict, log: Path, sampler: RssSampler, kill_at: float | None) -> tuple[float, bool]:
     """Run the score command; SIGKILL its process group once `kill_at` of the planned units are committed."""
-    output = Path(command[command.index("--output") + 1])
+    output = command[command.index("--output") + 1]
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -97,11 +134,12 @@ def run_score(command: list[str], env: dict, log: Path, sampler: RssSampler, kil
 
 
 def soak(rows: int, args, work: Path) -> dict:
-    inputs, output = work / f"in-{rows}", work / f"out-{rows}"
+    inputs = work / f"in-{rows}"
+    output = f"s3://soak-bucket/out-{rows}" if args.s3 else str(work / f"out-{rows}")
     inputs.mkdir(parents=True)
     source = next(p for p in IMDB_CANDIDATES if p.exists())
     tile_imdb(source, rows, args.files, inputs, args.unit_rows)
-    command = [sys.executable, "-m", "sentiment_ray.cli", "score", "--input", str(inputs), "--output", str(output),
+    command = [sys.executable, "-m", "sentiment_ray.cli", "score", "--input", str(inputs), "--output", output,
                "--pool-size", str(args.pool_size), "--batch-size", str(args.batch_size),
                "model.name_or_path=embedded:tiny-random-mistral", "model.dtype=float32", "num_cpus_per_actor=1",
                f"unit_rows={args.unit_rows}", "ray.address=local", "ray.num_cpus=3", f"prompt.max_length={args.max_length}"]
@@ -114,8 +152,11 @@ def soak(rows: int, args, work: Path) -> dict:
     first_s, killed = run_score(command, env, work / f"first-{rows}.log", sampler, args.kill_at)
     at_kill = committed_units(output)
     resume_s, _ = run_score([*command, "--resume"], env, work / f"resume-{rows}.log", sampler, None)
-    ids = pads.dataset(output, format="parquet").to_table(columns=["id"]).column("id")
-    manifest = json.loads((output / "_sentiment_ray_manifest.json").read_text())
+    from sentiment_ray.storage import location
+
+    folder = location(output)
+    ids = pads.dataset(folder.path, filesystem=folder.filesystem, format="parquet").to_table(columns=["id"]).column("id")
+    manifest = json.loads(folder.join("_sentiment_ray_manifest.json").read_text())
     return {
         "rows_in": rows, "rows_out": len(ids), "duplicate_ids": len(ids) - pc.count_distinct(ids).as_py(),
         "actor_killed": marker.exists(), "driver_killed": killed, "units": manifest["units"]["total"], "units_committed_at_kill": at_kill,
@@ -138,9 +179,16 @@ def main() -> None:
     parser.add_argument("--kill-at", type=float, default=0.4, help="fraction of units committed when the driver dies")
     parser.add_argument("--work", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--s3", action="store_true", help="write the output to a moto S3 server started here")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="soak-scoring-"))
-    results = [soak(rows, args, work) for rows in args.rows or [100_000]]
+    work.mkdir(parents=True, exist_ok=True)
+    server = start_s3_server(work) if args.s3 else None
+    try:
+        results = [soak(rows, args, work) for rows in args.rows or [100_000]]
+    finally:
+        if server is not None:
+            server.kill()
     columns = ["rows_in", "rows_out", "duplicate_ids", "actor_killed", "driver_killed", "units", "units_committed_at_kill",
                "first_run_s", "resume_run_s", "rows_per_s", "driver_peak_rss_mb", "actor_peak_rss_mb"]
     print("  ".join(columns))

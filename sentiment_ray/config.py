@@ -159,13 +159,13 @@ class FinetuneConfig:
 
 @dataclass
 class ScoreConfig:
-    input: str = ""  # Parquet file, folder or glob
-    output: str = ""  # a folder that must not exist yet (or pass overwrite)
-    adapter: str | None = None  # None: zero-shot with model.name_or_path and `prompt`
+    input: str = ""  # Parquet file, folder or glob; a local path or a URI (s3://, gs://, file://)
+    output: str = ""  # a folder (local path or URI) that must not exist yet (or pass resume/overwrite)
+    adapter: str | None = None  # a folder or URI written by finetune; None: zero-shot with model.name_or_path
     overwrite: bool = False  # replace an existing output (and drop an unfinished run's work)
     resume: bool = False  # continue an unfinished run into `output`, skipping its committed work units
-    # Rows per work unit: the grain of commits, of resume and of retries after a crash (docs/RESILIENCE.md).
-    # Small inputs are cut finer so that every actor gets work.
+    # Rows per work unit: the grain of resume and of the output's files (about one file per unit;
+    # docs/RESILIENCE.md). Small inputs are cut finer so that every scoring actor gets work.
     unit_rows: int = 10_000
     skip_unreadable_files: bool = False  # report and skip unreadable Parquet instead of failing the job
     # None: the input's "id" column when the files have one, else ids derived as `<file key>:<row index>` into a
@@ -173,15 +173,21 @@ class ScoreConfig:
     id_column: str | None = None
     text_column: str = "text"
     keep_columns: list[str] = field(default_factory=list)  # input columns copied to the output (text included)
-    batch_size: int = 32  # rows per Ray Data batch
+    batch_size: int = 32  # rows per Ray Data batch of the prepare (tokenize) and score stages
     # None: one forward pass per batch. A number: each batch is sorted by length and cut into forward passes
     # of at most this many padded tokens (less padding; bounded activation memory).
     max_batch_tokens: int | None = None
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
-    rows_per_file: int = 100_000  # output rows gathered per Parquet file (the last one may hold fewer)
-    num_cpus_per_actor: float = 1.0
+    num_cpus_per_actor: float = 1.0  # per scoring actor
     num_gpus_per_actor: float = 0.0
+    actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per scoring actor
+    batches_in_flight: int = 2  # batches queued at each scoring actor, so the next one is there when it is free
     torch_threads: int | None = None  # default: the CPUs each actor reserves
+    # The CPU stage that tokenizes (an autoscaling actor pool): None: as many actors as the cluster's CPUs left
+    # after the scoring actors and the read/write tasks.
+    prepare_actors: int | None = None
+    num_cpus_per_prepare_actor: float = 1.0
+    io_cpus: float = 0.25  # per read and per write task: light, and never starved on a small node
     model: ScoringModelConfig = field(default_factory=ScoringModelConfig)
     prompt: PromptSpec = field(default_factory=PromptSpec)  # used only for zero-shot; an adapter brings its own
     ray: RayConfig = field(default_factory=RayConfig)
@@ -191,8 +197,17 @@ class ScoreConfig:
         _required("output", self.output)
         _positive("batch_size", self.batch_size)
         _positive("pool_size", self.pool_size)
-        _positive("rows_per_file", self.rows_per_file)
         _positive("unit_rows", self.unit_rows)
+        _positive("batches_in_flight", self.batches_in_flight)
+        if self.prepare_actors is not None:
+            _positive("prepare_actors", self.prepare_actors)
+        if self.io_cpus < 0 or self.num_cpus_per_prepare_actor < 0:
+            raise ConfigError("io_cpus and num_cpus_per_prepare_actor must be >= 0")
+        if not isinstance(self.actor_resources, dict):
+            raise ConfigError(f"actor_resources must be a mapping of resource name to amount, got {self.actor_resources!r}")
+        for name, amount in self.actor_resources.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+                raise ConfigError(f"actor_resources.{name} must be a number >= 0, got {amount!r}")
         if self.resume and self.overwrite:
             raise ConfigError("pass either resume (continue an earlier run) or overwrite (start over), not both")
         if self.max_batch_tokens is not None:

@@ -128,10 +128,6 @@ def check_columns(path: str, schema: pa.Schema, columns: dict[str, str], strings
                 raise InputError(f"{path}: {role} column {name!r} must hold strings, found {field_type}")
 
 
-def count_rows(files: list[str]) -> int:
-    return sum(open_parquet(f).metadata.num_rows for f in files)
-
-
 def fingerprint(texts: list[str], labels: list[int]) -> str:
     """A content hash of the training rows in order: same data, same fingerprint, wherever it came from."""
     digest = hashlib.sha256()
@@ -162,10 +158,10 @@ def utf8_problem(text: str) -> str | None:
     return problem
 
 
-def _unvalidated_type(arrow_type: pa.DataType) -> pa.DataType | None:
+def unvalidated_type(arrow_type: pa.DataType) -> pa.DataType | None:
     """The binary type a string (or binary) column is read through, so that pyarrow never validates UTF-8."""
     if pa.types.is_dictionary(arrow_type):
-        return _unvalidated_type(arrow_type.value_type)
+        return unvalidated_type(arrow_type.value_type)
     if pa.types.is_string(arrow_type) or pa.types.is_binary(arrow_type):
         return pa.binary()
     if pa.types.is_large_string(arrow_type) or pa.types.is_large_binary(arrow_type):
@@ -180,7 +176,7 @@ def text_values(column: pa.Array | pa.ChunkedArray) -> list:
     `to_pylist` raises on the first invalid UTF-8 value of a string column, so string and binary columns are
     read as bytes (a zero-copy cast, no validation) and decoded with `surrogateescape`; `score_texts` marks the
     rows that hold escaped bytes `invalid_utf8`. Other types come out as they are (`non_string_text`)."""
-    binary = _unvalidated_type(column.type)
+    binary = unvalidated_type(column.type)
     if binary is None:
         return column.to_pylist()
     return [None if v is None else v.decode("utf-8", "surrogateescape") for v in column.cast(binary).to_pylist()]

@@ -1,8 +1,9 @@
 """Output folders that are never overwritten silently and never look finished while half-written.
 
-Results are written into a hidden sibling `.<name>.tmp-<random>` and renamed into place only when complete,
-so a crash leaves the final name absent rather than holding a partial result. A resumable job (scoring) keeps
-its committed pieces in a hidden sibling with a fixed name, `.<name>.partial`, that a rerun can find again.
+Results of `finetune` and `evaluate` are written into a hidden sibling `.<name>.tmp-<random>` and renamed into
+place only when complete, so a crash leaves the final name absent rather than holding a partial result.
+(`score` writes its output in place, on any storage, with its manifest as the commit marker:
+sentiment_ray/scoring/output.py applies the same rules there.)
 
 What may be replaced: `--overwrite` replaces only what this tool wrote, an empty folder or a folder holding the
 command's own marker file (the score manifest, the adapter's `sentiment_ray.json`, evaluate's `metrics.json`).
@@ -23,8 +24,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable
 from pathlib import Path, PurePath, PurePosixPath
 
 from sentiment_ray.storage import Location, StorageError, is_uri, location, upload_folder, uri_path
@@ -46,13 +46,7 @@ class OutputNotWritableError(OutputExistsError):
 
 def _refuse_uri(path) -> None:
     if "://" in str(path):
-        # Outputs are committed by renaming a staging folder, which object stores cannot do atomically.
-        raise OutputExistsError(f"output {path}: write outputs to a local or mounted shared filesystem path; "
-                                "object-store URIs are supported for inputs only")
-
-
-def _holds_something(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+        raise OutputExistsError(f"output {path}: a local path is needed here")
 
 
 def _refuse_protected(path: Path) -> None:
@@ -307,46 +301,3 @@ def commit(staging: Path, final: Path, overwrite: bool, marker: str) -> Path:
         logger.warning("replaced %s, but could not delete the old output, now at %s (%s); delete it by hand",
                        final, old, exc)
     return final
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """`write(temporary path)`, then rename onto `path`: readers see the old file, or none, or the whole new one."""
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-@dataclass(frozen=True)
-class ResumableOutput:
-    final: Path  # where the finished output appears, all at once
-    work: Path  # `.<name>.partial`: committed pieces of an unfinished run, found again by --resume
-    finished: bool  # resume found the final output already complete: nothing left to do
-
-
-def open_resumable_output(path: str | Path, overwrite: bool, resume: bool, finished_marker: str) -> ResumableOutput:
-    """Decide what a run may do with `path`: start fresh, continue an unfinished run (`resume`), or replace
-    (`overwrite`) an earlier output of this tool. Anything else that is already there is refused with a message
-    saying which flag to pass, or that no flag replaces it."""
-    _refuse_uri(path)
-    if overwrite and resume:
-        raise OutputExistsError("pass either --resume (continue an earlier run) or --overwrite (start over), not both")
-    final = resolve_output(path)
-    work = final.parent / f".{final.name}.partial"
-    _refuse_foreign(final, finished_marker)
-    if not overwrite and _holds_something(final):
-        if resume:
-            return ResumableOutput(final, work, finished=True)  # holds the marker: _refuse_foreign let it through
-        raise OutputExistsError(f"output {final} already exists; pass --resume to check it (a finished output is left "
-                                "as it is) or --overwrite to replace it")
-    if work.exists() and not resume and not overwrite:
-        raise OutputExistsError(f"an earlier run into {final} stopped before finishing (its work is kept in {work}); "
-                                "pass --resume to continue it or --overwrite to start over")
-    check_writable(final)
-    _warn_of_leftovers(final)
-    if overwrite:
-        shutil.rmtree(work, ignore_errors=True)  # ours (hidden, fixed name); the old final goes at commit
-    return ResumableOutput(final, work, finished=False)

@@ -61,7 +61,8 @@ def test_evaluate_command_on_scored_output(tmp_path, capsys):
     (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--text-column", "body", "--adapter", "{adapter}"], "no text column 'body'"),
     (["finetune", "--config", "{tmp}/missing.yaml"], "does not exist"),
     (["predict", "hello"], "needs --adapter"),
-    (["score", "--input", "{tmp}/in.parquet", "--output", "s3://bucket/out", "--adapter", "{adapter}"], "object-store URIs"),
+    (["score", "--input", "{tmp}/in.parquet", "--output", "ftp://host/out", "--adapter", "{adapter}"],
+     "ftp://host/out: not a path or URI this tool can read or write"),
 ])
 def test_bad_input_exits_2_with_a_one_line_message(tmp_path, random_adapter, capsys, argv, message):
     write_reviews(tmp_path / "in.parquet", ["x"], ids=["a"])

@@ -10,9 +10,7 @@ from sentiment_ray.outputs import (
     check_output_free,
     check_writable,
     commit,
-    open_resumable_output,
     refuse_overlap,
-    write_atomically,
 )
 
 MARKER = "_done.json"
@@ -31,33 +29,11 @@ def _contents(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_fresh_output_gets_a_hidden_work_folder(tmp_path):
-    output = open_resumable_output(tmp_path / "out", overwrite=False, resume=False, finished_marker=MARKER)
-    assert output.work == tmp_path / ".out.partial" and not output.finished
-
-
-def test_unfinished_run_is_refused_without_resume(tmp_path):
-    (tmp_path / ".out.partial").mkdir()
-    with pytest.raises(OutputExistsError, match="pass --resume to continue it or --overwrite"):
-        open_resumable_output(tmp_path / "out", overwrite=False, resume=False, finished_marker=MARKER)
-    assert open_resumable_output(tmp_path / "out", overwrite=False, resume=True, finished_marker=MARKER).work.exists()
-    open_resumable_output(tmp_path / "out", overwrite=True, resume=False, finished_marker=MARKER)
-    assert not (tmp_path / ".out.partial").exists()  # --overwrite starts over
-
-
 def test_existing_output_of_this_tool(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "part-00000.parquet").write_text("x")
     (out / MARKER).write_text("{}")
-    with pytest.raises(OutputExistsError, match="--resume .* or --overwrite"):
-        open_resumable_output(out, overwrite=False, resume=False, finished_marker=MARKER)
-    assert open_resumable_output(out, overwrite=False, resume=True, finished_marker=MARKER).finished
-    assert not open_resumable_output(out, overwrite=True, resume=False, finished_marker=MARKER).finished
-    with pytest.raises(OutputExistsError, match="not both"):
-        open_resumable_output(out, overwrite=True, resume=True, finished_marker=MARKER)
-    with pytest.raises(OutputExistsError, match="object-store"):
-        open_resumable_output("s3://bucket/out", overwrite=False, resume=False, finished_marker=MARKER)
     assert check_output_free(out, overwrite=True, marker=MARKER) == out
     with pytest.raises(OutputExistsError, match=rf"output {out} already exists; choose a new path or pass --overwrite"):
         check_output_free(out, overwrite=False, marker=MARKER)
@@ -71,8 +47,6 @@ def test_a_folder_of_other_things_is_refused_whatever_the_flags(tmp_path, flags)
     message = (rf"^output {out} holds 3 entries not written by sentiment-ray, e\.g\. csv/, notes\.txt, thesis\.pdf; "
                rf"choose another path \(--overwrite replaces only a folder holding {MARKER} or an empty folder\)$")
     with pytest.raises(OutputExistsError, match=message):
-        open_resumable_output(out, finished_marker=MARKER, **flags)
-    with pytest.raises(OutputExistsError, match=message):
         check_output_free(out, overwrite=flags["overwrite"], marker=MARKER)
     assert _contents(out) == before
 
@@ -82,8 +56,6 @@ def test_a_file_is_never_an_output(tmp_path):
     path.write_bytes(b"PAR1 user data")
     for overwrite in (True, False):
         with pytest.raises(OutputExistsError, match=rf"^output {path} is a file not written by sentiment-ray"):
-            open_resumable_output(path, overwrite=overwrite, resume=False, finished_marker=MARKER)
-        with pytest.raises(OutputExistsError, match=rf"^output {path} is a file not written by sentiment-ray"):
             check_output_free(path, overwrite=overwrite, marker=MARKER)
     assert path.read_bytes() == b"PAR1 user data"
 
@@ -91,7 +63,6 @@ def test_a_file_is_never_an_output(tmp_path):
 def test_an_empty_folder_may_be_used_without_a_flag(tmp_path):
     (tmp_path / "out").mkdir()
     assert check_output_free(tmp_path / "out", overwrite=False, marker=MARKER) == tmp_path / "out"
-    assert not open_resumable_output(tmp_path / "out", overwrite=False, resume=False, finished_marker=MARKER).finished
 
 
 def test_own_entries_count_as_nothing_there(tmp_path):
@@ -114,9 +85,6 @@ def test_home_and_roots_are_refused_whatever_the_flags(tmp_path, monkeypatch):
                           ("/", "output / is a filesystem root")):
         with pytest.raises(OutputExistsError, match=f"^{message}"):
             check_output_free(path, overwrite=True, marker=MARKER)
-        for flags in (dict(overwrite=True, resume=False), dict(overwrite=False, resume=True)):
-            with pytest.raises(OutputExistsError, match=f"^{message}"):
-                open_resumable_output(path, finished_marker=MARKER, **flags)
     assert check_output_free(home / "scored", overwrite=False, marker=MARKER) == home / "scored"
 
 
@@ -149,7 +117,7 @@ def test_an_unwritable_location_is_found_before_the_work(tmp_path):
     # /proc takes no new files, not even from root
     with pytest.raises(OutputNotWritableError, match=r"^output /proc/sr-out: cannot write in /proc \(.+\); "
                                                      "choose a writable location$"):
-        open_resumable_output("/proc/sr-out", overwrite=False, resume=False, finished_marker=MARKER)
+        check_output_free("/proc/sr-out", overwrite=False, marker=MARKER)
     assert issubclass(OutputNotWritableError, FileExistsError)  # the CLI reports it as a user error (exit 2)
     check_writable(tmp_path / "new" / "deeper" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the check created nothing
@@ -215,15 +183,3 @@ def test_commit_reports_an_old_output_it_could_not_delete(tmp_path, monkeypatch,
                                "when it is not needed"]
 
 
-def test_write_atomically_leaves_no_partial_file(tmp_path):
-    target = tmp_path / "unit.parquet"
-
-    def dies_half_way(path):
-        path.write_text("half")
-        raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError):
-        write_atomically(target, dies_half_way)
-    assert list(tmp_path.iterdir()) == []
-    write_atomically(target, lambda p: p.write_text("whole"))
-    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]

@@ -144,8 +144,8 @@ def test_a_100k_character_review_is_scored_by_the_truncation_policy(random_adapt
     result = scorer.score_texts([review])
     assert result.statuses == [STATUS_OK] and result.truncated == [True]
     (uncut,) = scorer.encoder.encode_prompts(scorer.encoder.clean_texts([review]))  # no character cut here
-    (cut,) = scorer.encoder.encode_prompts([scorer.encoder.spec.clean(scorer._clip_chars(review))])
-    assert len(scorer._clip_chars(review)) < len(review) and cut.input_ids == uncut.input_ids
+    (cut,) = scorer.encoder.encode_prompts([scorer.encoder.spec.clean(scorer.preparer._clip_chars(review))])
+    assert len(scorer.preparer._clip_chars(review)) < len(review) and cut.input_ids == uncut.input_ids
     assert result.scores[0] == pytest.approx(scorer.score_texts([review[:50_000] + review[-50_000:]]).scores[0])
 
 

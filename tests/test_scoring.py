@@ -12,7 +12,7 @@ from sentiment_ray.cli import main
 from sentiment_ray.config import ScoreConfig, load_config
 from sentiment_ray.data import InputError
 from sentiment_ray.outputs import OutputExistsError
-from sentiment_ray.scoring import MANIFEST_FILE, run_scoring
+from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, run_scoring
 from sentiment_ray.tiny_model import synthetic_reviews
 from tests.conftest import REPO_ROOT, write_reviews
 
@@ -68,9 +68,14 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["rows_out"] == 1200 and manifest["status_counts"] == {"ok": 1200}
     assert manifest["rows_scored"] == 1200 and manifest["rows_marked"] == manifest["rows_skipped"] == 0
-    assert not list(tmp_path.glob(".scored.partial"))  # the committed work units were gathered and removed
-    assert not list(tmp_path.glob(".scored.tmp-*"))  # the staging folder became the output
-    assert len(list(out.glob("*.parquet"))) <= 2  # 1,200 rows in batches of 64: gathered, not 19 tiny files
+    # Written in place, one fragment per work unit's rows (or a few when a unit's rows reached the sink in
+    # several writes), named so that file-name order is input order; nothing hidden is left behind.
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [MANIFEST_FILE, PLAN_FILE] + sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(files) - 2 <= 2 * manifest["units"]["total"] and manifest["units"]["fragments"] == len(files) - 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    in_file_order = pq.read_table(out, columns=["id"]).column("id").to_pylist()  # read in file-name order
+    assert in_file_order == [f"r{i}" for i in range(1200)]  # input order: the files are part-0 ... part-3
 
 
 def test_null_and_empty_text_rows_are_kept_and_marked(adapter_dir, tmp_path):
@@ -140,7 +145,7 @@ def test_bad_input_fails_before_any_output(adapter_dir, tmp_path, case):
 
 def test_one_small_file_still_feeds_every_actor(tmp_path):
     """A small file is cut into several work units, so that the second actor of the pool is not left idle."""
-    from sentiment_ray.scoring import rows_per_unit
+    from sentiment_ray.scoring.plan import rows_per_unit
     from sentiment_ray.work_units import plan_units
 
     texts, _ = synthetic_reviews(1000, seed=3)
@@ -202,7 +207,7 @@ def test_checks_before_work_exit_2_with_one_line_and_write_nothing(random_adapte
 
 
 def test_the_id_column_is_id_when_the_files_have_it_else_derived_and_a_named_one_must_exist(tmp_path):
-    from sentiment_ray.scoring import check_inputs
+    from sentiment_ray.scoring.plan import check_inputs
 
     with_id = write_reviews(tmp_path / "with-id.parquet", ["x"], ids=["a"])
     other_id = write_reviews(tmp_path / "other.parquet", ["x"], ids=["a"], review_id=["r1"])
@@ -210,7 +215,7 @@ def test_the_id_column_is_id_when_the_files_have_it_else_derived_and_a_named_one
 
     def rule(path, *extra):
         inputs = check_inputs(load_config(ScoreConfig, None, [f"input={path}", "output=o", *extra]))
-        return inputs["id_column"], inputs["derived_ids"], inputs["schema"].field(0).type
+        return inputs.id_column, inputs.derived_ids, inputs.schema.field(0).type
 
     assert rule(with_id) == ("id", False, pa.string())
     assert rule(tmp_path / "no-id.parquet") == ("id", True, pa.string())

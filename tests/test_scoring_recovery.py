@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sentiment_ray import scoring
 from sentiment_ray.config import ScoreConfig, load_config
 from sentiment_ray.data import InputError
 from sentiment_ray.faults import EXIT_AFTER_BATCHES, FAIL_TEXT, MARKER
 from sentiment_ray.outputs import OutputExistsError
-from sentiment_ray.scoring import MANIFEST_FILE, UNITS_DIR, run_scoring
+from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, job, run_scoring
+from sentiment_ray.scoring.output import Fragment, tile
+from sentiment_ray.scoring.plan import ScorePlan
 from sentiment_ray.tiny_model import synthetic_reviews
 from tests.conftest import REPO_ROOT, write_reviews
 
@@ -55,6 +56,17 @@ def reference(ray_session, random_adapter, reviews, tmp_path_factory):
     return {r["id"]: r["score"] for r in pq.read_table(out, columns=["id", "score"]).to_pylist()}
 
 
+def _fragments(out) -> list:
+    return [f for f in map(Fragment.parse, (p.name for p in out.glob("part-*.parquet"))) if f is not None]
+
+
+def _complete_units(out) -> list:
+    """The plan's units whose rows the fragments in `out` hold exactly once."""
+    plan = ScorePlan.from_json((out / PLAN_FILE).read_text())
+    fragments = _fragments(out)
+    return [u for u in plan.units if tile(u, fragments) is not None]
+
+
 def _assert_same_as_reference(out, reference):
     table = pq.read_table(out, columns=["id", "score", "status"])
     ids = table.column("id").to_pylist()
@@ -66,21 +78,22 @@ def _assert_same_as_reference(out, reference):
 def test_resume_scores_only_the_missing_units_and_matches_an_uninterrupted_run(
         ray_session, random_adapter, reviews, reference, tmp_path, monkeypatch):
     out = tmp_path / "scored"
-    work = tmp_path / ".scored.partial"
 
     def driver_dies_before_commit(*args, **kwargs):
         raise KeyboardInterrupt("driver gone")
 
-    monkeypatch.setattr(scoring, "_commit", driver_dies_before_commit)
+    monkeypatch.setattr(job, "check_committed", driver_dies_before_commit)
     with pytest.raises(KeyboardInterrupt):
         run_scoring(_config(random_adapter, reviews, out))
     monkeypatch.undo()
-    committed = sorted((work / UNITS_DIR).glob("*.parquet"))
-    units = json.loads((work / scoring.PLAN_FILE).read_text())["units"]
-    assert not out.exists() and len(committed) == len(units) == 9  # row groups of 200 rows, units of <= 256
-    for lost in committed[::2]:  # as if the driver had died with these units still in flight
-        lost.unlink()
-    kept = {p.name: p.stat().st_mtime_ns for p in committed[1::2]}
+    units = ScorePlan.from_json((out / PLAN_FILE).read_text()).units
+    assert not (out / MANIFEST_FILE).exists()  # no manifest: the folder reads as unfinished
+    assert len(_complete_units(out)) == len(units) == 9  # row groups of 200 rows, units of <= 256
+    lost_units = units[::2]
+    for fragment in _fragments(out):  # as if the driver had died with these units still in flight
+        if any(u.file_index == fragment.file_index and u.start <= fragment.start < u.stop for u in lost_units):
+            (out / fragment.name).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
 
     with pytest.raises(OutputExistsError, match="--resume"):
         run_scoring(_config(random_adapter, reviews, out))
@@ -91,7 +104,7 @@ def test_resume_scores_only_the_missing_units_and_matches_an_uninterrupted_run(
     _assert_same_as_reference(out, reference)
     assert summary["units"]["committed_before_this_run"] == 4 and summary["units"]["scored_this_run"] == 5
     assert summary["rows_in"] == summary["rows_out"] == summary["rows_scored"] == 1800
-    assert not work.exists() and len(kept) == 4
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # the kept units were not rewritten
 
 
 def test_an_actor_killed_mid_unit_is_restarted_and_the_run_completes_exactly_once(
@@ -118,21 +131,21 @@ def test_driver_killed_then_resumed_gives_every_row_once_with_identical_scores(
         random_adapter, reviews, reference, tmp_path):
     """The real thing: the `score` command in its own process (with its own Ray) is SIGKILLed after a few units
     are committed, then rerun with --resume."""
-    out, work = tmp_path / "scored", tmp_path / ".scored.partial"
+    out = tmp_path / "scored"
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="sr-kill-", dir="/tmp"), "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(_score_command(random_adapter, reviews, out), env=env, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
         deadline = time.time() + 180
-        while len(list((work / UNITS_DIR).glob("*.parquet"))) < 3:
+        while len(list(out.glob("part-*.parquet"))) < 3:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no unit committed within 180 s"
             time.sleep(0.2)
         os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, with no cleanup
         first.wait(timeout=30)
-    committed_at_kill = len(list((work / UNITS_DIR).glob("*.parquet")))
-    assert not out.exists() and 3 <= committed_at_kill < 9
+    committed_at_kill = len(_complete_units(out))
+    assert not (out / MANIFEST_FILE).exists() and committed_at_kill < 9
 
     refused = subprocess.run(_score_command(random_adapter, reviews, out), env=env, capture_output=True, text=True,
                              cwd=REPO_ROOT, timeout=120, check=False)
@@ -235,22 +248,23 @@ def test_unreadable_files_fail_the_job_or_are_skipped_and_reported(ray_session, 
     assert json.loads((out / MANIFEST_FILE).read_text())["files_skipped"][0]["error"].startswith(str(folder))
 
 
-def test_attempts_that_kill_the_actor_are_counted_per_driver_run(tmp_path):
+def test_attempts_that_kill_the_actor_are_counted_per_driver_run(ray_session):
+    """A batch is started again within one run only after the actor scoring it died; the ledger that counts the
+    starts is the run's own, so a killed driver's attempts never count against a batch."""
+    import ray
+
+    from sentiment_ray.scoring.stages import BATCH_ATTEMPTS, ScoreStage, attempt_ledger
     from types import SimpleNamespace
 
-    from sentiment_ray.work_units import WorkUnit
-
-    (tmp_path / UNITS_DIR).mkdir()
-    unit = WorkUnit(0, str(tmp_path / "in.parquet"), "in.parquet", 0, 10)
-    first_run = SimpleNamespace(work=tmp_path, job={"run_id": "first"})
-    for _ in range(scoring.UNIT_ATTEMPTS):  # the actor died mid-unit each time: attempts pile up within the run
-        scoring.ScoringActor._count_attempt(first_run, unit)
-    with pytest.raises(InputError, match=r"in\.parquet rows 0-9: 4 attempts in this run ended with the scoring process"):
-        scoring.ScoringActor._count_attempt(first_run, unit)
-    # The driver was killed and rerun with --resume, again and again: those attempts ended with the driver,
-    # not with the unit's rows, so a new run starts counting afresh.
-    for run in ("second", "third", "fourth", "fifth", "sixth"):
-        scoring.ScoringActor._count_attempt(SimpleNamespace(work=tmp_path, job={"run_id": run}), unit)
+    first_run = attempt_ledger("first-run")
+    for _ in range(BATCH_ATTEMPTS):  # the actor died mid-batch each time: starts pile up within the run
+        ray.get(first_run.begin.remote((0, 200)))
+    batch = pa.table({"__unit": pa.array([0, 0], pa.int32()), "__row": pa.array([200, 201], pa.int64())})
+    stage = SimpleNamespace(ledger=first_run, files=["/data/in.parquet"], unit_files={0: 0})
+    with pytest.raises(InputError, match=r"^/data/in\.parquet rows 200-201: 4 attempts in this run ended with the "
+                                         "scoring process dying"):
+        ScoreStage.__call__(stage, batch)
+    assert ray.get(attempt_ledger("second-run").begin.remote((0, 200))) == 1  # a rerun starts counting afresh
 
 
 def test_resume_of_a_finished_output_checks_that_the_inputs_still_match(ray_session, random_adapter, tmp_path):
@@ -274,13 +288,13 @@ def test_resume_of_a_finished_output_checks_that_the_inputs_still_match(ray_sess
 @pytest.mark.timeout(300)
 def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(random_adapter, reviews, reference,
                                                                            tmp_path):
-    out, work = tmp_path / "scored", tmp_path / ".scored.partial"
+    out = tmp_path / "scored"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sr-int-", dir="/tmp")
     process = subprocess.Popen(_score_command(random_adapter, reviews, out), env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO_ROOT)
     deadline = time.time() + 180
-    while not list((work / UNITS_DIR).glob("*.parquet")):
+    while not list(out.glob("part-*.parquet")):
         assert process.poll() is None and time.time() < deadline, "no unit committed within 180 s"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
@@ -289,7 +303,7 @@ def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(ra
     ours = [line for line in err.splitlines() if line.startswith("sentiment-ray ")]
     assert ours == ["sentiment-ray score: interrupted; the work units committed so far are kept: rerun the same "
                     "command with --resume to continue"]
-    assert "Traceback" not in err and not out.exists()
+    assert "Traceback" not in err and not (out / MANIFEST_FILE).exists()
     resumed = subprocess.run(_score_command(random_adapter, reviews, out, "--resume"), env=env, capture_output=True,
                              text=True, cwd=REPO_ROOT, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

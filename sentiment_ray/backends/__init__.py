@@ -55,6 +55,16 @@ def torch_dtype(name: str, device: str = "auto"):
     return getattr(torch, name)
 
 
+def load_tokenizer(model: ModelConfig, path: str):
+    """The tokenizer every backend scores and trains with (the base model's), with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _module(backend: str):
     if backend == "hf":
         from sentiment_ray.backends import hf

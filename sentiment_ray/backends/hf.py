@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from sentiment_ray.backends import torch_device, torch_dtype
+from sentiment_ray.backends import load_tokenizer, torch_device, torch_dtype
 from sentiment_ray.config import LoraSettings, ModelConfig
 
 
 def _load_base(model: ModelConfig, path: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = torch_device(model.device)
     kwargs = {
@@ -33,10 +33,7 @@ def _load_base(model: ModelConfig, path: str):
     base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not model.load_in_4bit and device == "cuda":
         base = base.to("cuda")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return base, tokenizer
+    return base, load_tokenizer(model, path)
 
 
 def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int, gradient_checkpointing: bool, seed: int):

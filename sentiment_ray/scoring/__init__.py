@@ -1,0 +1,13 @@
+"""The scoring job as a streaming Ray Data pipeline, on any storage (local disk, s3://, gs://).
+
+    plan.py    inputs checked, work units, the plan a resumed run must match
+    stages.py  read (work units) -> prepare (CPU: tokenize) -> score (GPU actors)
+    sink.py    fragments with deterministic names; the check that every unit is there once
+    output.py  the output folder: what may be done with it, fragments, the manifest (the commit marker)
+    job.py     the chain, on the driver
+"""
+
+from sentiment_ray.scoring.job import run_scoring
+from sentiment_ray.scoring.output import MANIFEST_FILE, PLAN_FILE
+
+__all__ = ["MANIFEST_FILE", "PLAN_FILE", "run_scoring"]

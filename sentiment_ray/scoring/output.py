@@ -1,0 +1,179 @@
+"""The output folder of a scoring run, on a local disk or an object store, and what may be done with it.
+
+While a run goes, the folder holds its plan (`_sentiment_ray_plan.json`) and the fragments the sink has
+committed: `part-<file>-<first row>-<end row>.parquet`, one object per contiguous run of a work unit's rows, each
+written whole or not at all (a rename on a local disk, one upload on an object store). The manifest
+(`_sentiment_ray_manifest.json`) is written last, once every unit's rows are there exactly once: **the manifest is
+the commit marker**, and a folder without one is unfinished. Names starting with `_` or `.` are skipped by
+pyarrow, Ray Data, pandas and DuckDB, so any of them reads the folder as it is, in input order by file name.
+
+What may be done with an existing folder (the rules of sentiment_ray/outputs.py, on any storage):
+- absent or empty: a fresh run;
+- holding the manifest (a finished run): `--resume` checks it against this run's plan and leaves it as it is;
+  `--overwrite` replaces it;
+- holding a plan but no manifest (an unfinished run): `--resume` continues it; `--overwrite` starts over;
+- holding anything else: refused whatever the flags; it was not written by this tool.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+
+from sentiment_ray.outputs import (
+    OutputExistsError,
+    OutputNotWritableError,
+    check_writable,
+    resolve_output,
+)
+from sentiment_ray.storage import Location, location
+from sentiment_ray.work_units import WorkUnit
+
+PLAN_FILE = "_sentiment_ray_plan.json"
+MANIFEST_FILE = "_sentiment_ray_manifest.json"
+SKIPPED_PREFIX = "_sentiment_ray_skipped-"  # + unit name + ".json": a unit that could not be read (flag set)
+FRAGMENT_PATTERN = re.compile(r"^part-(\d{5})-(\d{12})-(\d{12})\.parquet$")
+EXAMPLES_SHOWN = 3
+
+
+def fragment_name(file_index: int, start: int, stop: int) -> str:
+    """A function of the rows a fragment holds: a retried write replaces the same object, never adds one."""
+    return f"part-{file_index:05d}-{start:012d}-{stop:012d}.parquet"
+
+
+@dataclass(frozen=True)
+class Fragment:
+    file_index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return fragment_name(self.file_index, self.start, self.stop)
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @classmethod
+    def parse(cls, name: str) -> Fragment | None:
+        found = FRAGMENT_PATTERN.match(name)
+        return cls(*(int(g) for g in found.groups())) if found else None
+
+
+def tile(unit: WorkUnit, fragments: list[Fragment]) -> list[Fragment] | None:
+    """Fragments that cover the unit's rows exactly once, in order, or None when the rows are not all there.
+    Fragments of one unit can overlap only when a write was retried with other block boundaries; any exact
+    tiling is as good as another (the rows' scores are the same), so the first one found is taken."""
+    starting: dict[int, list[Fragment]] = {}
+    for fragment in fragments:
+        if fragment.file_index == unit.file_index and unit.start <= fragment.start < fragment.stop <= unit.stop:
+            starting.setdefault(fragment.start, []).append(fragment)
+    route: dict[int, Fragment] = {}  # end row -> the fragment that reached it
+    frontier, seen = [unit.start], {unit.start}
+    while frontier:
+        position = frontier.pop()
+        for fragment in sorted(starting.get(position, []), key=lambda f: -f.stop):
+            if fragment.stop not in seen:
+                seen.add(fragment.stop)
+                route[fragment.stop] = fragment
+                frontier.append(fragment.stop)
+    if unit.stop not in seen:
+        return None
+    chosen, position = [], unit.stop
+    while position != unit.start:
+        chosen.append(route[position])
+        position = route[position].start
+    return chosen[::-1]
+
+
+class OutputState(Enum):
+    FRESH = "fresh"
+    UNFINISHED = "unfinished"
+    FINISHED = "finished"
+
+
+@dataclass
+class ScoreOutput:
+    folder: Location
+    state: OutputState
+
+    @property
+    def plan_file(self) -> Location:
+        return self.folder.join(PLAN_FILE)
+
+    @property
+    def manifest_file(self) -> Location:
+        return self.folder.join(MANIFEST_FILE)
+
+    def fragments(self) -> list[Fragment]:
+        return [f for f in (Fragment.parse(c.name) for c in self.folder.children()) if f is not None]
+
+    def skipped_records(self) -> list[dict]:
+        return [json.loads(c.read_text()) for c in self.folder.children() if c.name.startswith(SKIPPED_PREFIX)]
+
+    def skipped_path(self, unit: WorkUnit) -> Location:
+        return self.folder.join(f"{SKIPPED_PREFIX}{unit.name}.json")
+
+    def delete_fragments(self, fragments: list[Fragment]) -> None:
+        for fragment in fragments:
+            self.folder.join(fragment.name).delete(missing_ok=True)
+
+
+def _refuse_foreign(folder: Location) -> None:
+    entries = [c for c in folder.children() if not c.name.startswith(".")]  # hidden: temp files of our writes
+    foreign = [c.name for c in entries if Fragment.parse(c.name) is None
+               and c.name not in (PLAN_FILE, MANIFEST_FILE) and not c.name.startswith(SKIPPED_PREFIX)]
+    if foreign and not (folder.join(MANIFEST_FILE).is_file() or folder.join(PLAN_FILE).is_file()):
+        shown = ", ".join(name + ("/" if folder.join(name).is_dir() else "") for name in foreign[:EXAMPLES_SHOWN])
+        count = f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}"
+        raise OutputExistsError(f"output {folder} holds {count} not written by sentiment-ray, e.g. {shown}; choose "
+                                f"another path (--overwrite replaces only a folder holding {MANIFEST_FILE} or "
+                                f"{PLAN_FILE}, or an empty folder)")
+
+
+def _check_writable(folder: Location) -> None:
+    if folder.is_local:
+        check_writable(resolve_output(folder.path))
+        return
+    probe = folder.join(f"_sentiment_ray_write_check-{uuid.uuid4().hex[:8]}")
+    try:
+        probe.write_bytes(b"")
+        probe.delete(missing_ok=True)
+    except OSError as exc:
+        raise OutputNotWritableError(f"output {folder}: cannot write there ({exc}); choose a writable location") from None
+
+
+def open_score_output(output: str, overwrite: bool, resume: bool) -> ScoreOutput:
+    """Decide what this run may do with `output` (see the module's doc); refusals name the flag to pass."""
+    if overwrite and resume:
+        raise OutputExistsError("pass either --resume (continue an earlier run) or --overwrite (start over), not both")
+    if "://" not in str(output):
+        resolve_output(output)  # the home folder, a filesystem root: never
+    folder = location(output)
+    if folder.is_file():
+        raise OutputExistsError(f"output {folder} is a file not written by sentiment-ray; choose another path")
+    _refuse_foreign(folder)
+    finished, started = folder.join(MANIFEST_FILE).is_file(), folder.join(PLAN_FILE).is_file()
+    _check_writable(folder)
+    if overwrite:
+        if finished or started or folder.children():
+            folder.delete_dir(missing_ok=True)
+        return ScoreOutput(folder, OutputState.FRESH)
+    if finished:
+        if resume:
+            return ScoreOutput(folder, OutputState.FINISHED)
+        raise OutputExistsError(f"output {folder} already exists; pass --resume to check it (a finished output is "
+                                "left as it is) or --overwrite to replace it")
+    if started:
+        if resume:
+            return ScoreOutput(folder, OutputState.UNFINISHED)
+        raise OutputExistsError(f"an earlier run into {folder} stopped before finishing (its committed work is kept "
+                                "there); pass --resume to continue it or --overwrite to start over")
+    if resume and folder.children():
+        raise OutputExistsError(f"output {folder} holds no {MANIFEST_FILE} or {PLAN_FILE}: there is nothing to "
+                                "resume; choose a new path or pass --overwrite")
+    return ScoreOutput(folder, OutputState.FRESH)

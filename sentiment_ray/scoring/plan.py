@@ -1,0 +1,164 @@
+"""The plan of a scoring run: its inputs, checked before any work starts, and the work units they are cut into.
+
+The plan is written once, into the output (`_sentiment_ray_plan.json`), and read back by `--resume`, which must
+find the same settings (inputs with their sizes and modification times, id rule, columns, adapter weights, model,
+prompt) and then scores only the units that have no complete set of fragments yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from sentiment_ray.config import ScoreConfig
+from sentiment_ray.data import (
+    InputError,
+    check_columns,
+    open_parquet,
+    resolve_parquet_files,
+)
+from sentiment_ray.work_units import WorkUnit, plan_units
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ID_COLUMN = "id"
+PREDICTION_COLUMNS = ("label", "label_id", "score", "status", "adapter", "truncated", "error")
+UNITS_PER_ACTOR = 4  # a small input is cut into at least this many units per actor, so none sits idle
+
+
+def output_schema(id_field: pa.Field, keep_fields: list[pa.Field]) -> pa.Schema:
+    """The one definition of the scored output's columns (README, "Output")."""
+    return pa.schema([
+        id_field, *keep_fields,
+        pa.field("label", pa.string()), pa.field("label_id", pa.int8()), pa.field("score", pa.float64()),
+        pa.field("status", pa.string()), pa.field("adapter", pa.string()), pa.field("truncated", pa.bool_()),
+        pa.field("error", pa.string()),
+    ])
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # absolute local path or URI
+    rows: int
+    bytes: int | None = None  # size and modification time: a resumed run refuses an input that changed
+    mtime_ns: int | None = None
+
+
+@dataclass
+class ScoreInputs:
+    """The input files as checked on the driver."""
+
+    files: list[InputFile]
+    unreadable: list[dict]  # {"file", "error"}: skipped with skip_unreadable_files
+    id_column: str  # the output's id column
+    derived_ids: bool  # no input file has the id column: ids are `<file key>:<row index>`
+    schema: pa.Schema  # the output's schema
+
+    @property
+    def rows_in(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    return a == b or pa.types.is_null(a) or pa.types.is_null(b)
+
+
+def _identity(path: str, rows: int) -> InputFile:
+    from sentiment_ray.storage import location
+
+    info = location(path).info()
+    return InputFile(path, rows, info.size, info.mtime_ns)
+
+
+def check_inputs(cfg: ScoreConfig) -> ScoreInputs:
+    """Every input file's footer read and its columns checked before any work starts. A column named in the
+    config (text, kept, or an id_column set explicitly) must be in the files: a typo is an error naming the file
+    and its columns, never a silent switch to derived ids."""
+    id_column = cfg.id_column or DEFAULT_ID_COLUMN
+    clash = sorted(set(cfg.keep_columns) & (set(PREDICTION_COLUMNS) | {id_column}))
+    if clash:
+        raise InputError(f"keep_columns {clash} would collide with the id or prediction columns {list(PREDICTION_COLUMNS)}")
+    files, unreadable, schemas = [], [], {}
+    for path in resolve_parquet_files(cfg.input):
+        try:
+            parquet = open_parquet(path)
+            schema = parquet.schema_arrow
+        except InputError as exc:
+            if not cfg.skip_unreadable_files:
+                raise InputError(f"{exc}; pass --skip-unreadable-files to skip and report it instead") from None
+            logger.warning("skipping %s", exc)
+            unreadable.append({"file": path, "error": str(exc)})
+            continue
+        check_columns(path, schema, {cfg.text_column: "text", **{c: "kept" for c in cfg.keep_columns}},
+                      strings_only=False)  # a non-string text column is scored as marked rows
+        files.append(_identity(path, parquet.metadata.num_rows))  # the row count from the footer already read
+        schemas[path] = schema
+    if not files:
+        raise InputError(f"no readable Parquet file among {len(unreadable)} matching {cfg.input!r}")
+    paths = [f.path for f in files]
+    with_id = [p for p in paths if id_column in schemas[p].names]
+    if cfg.id_column is not None and not with_id:
+        raise InputError(f"{paths[0]}: no id column {id_column!r} (columns: {schemas[paths[0]].names}); name a "
+                         "column the input files have, or set no id column to derive ids '<file key>:<row index>'")
+    if with_id and len(with_id) != len(paths):
+        missing = next(p for p in paths if id_column not in schemas[p].names)
+        raise InputError(f"{missing}: no id column {id_column!r} (columns: {schemas[missing].names}), but "
+                         f"{with_id[0]} has one; give every file an id column, or none (ids are then derived)")
+    first = schemas[paths[0]]
+    for name in ([id_column] if with_id else []) + list(cfg.keep_columns):
+        for path in paths[1:]:
+            if not _same_type(schemas[path].field(name).type, first.field(name).type):
+                raise InputError(f"{path}: column {name!r} is {schemas[path].field(name).type} but "
+                                 f"{paths[0]} has {first.field(name).type}; all input files must agree")
+    id_type = first.field(id_column).type if with_id else pa.string()
+    schema = output_schema(pa.field(id_column, id_type), [first.field(c) for c in cfg.keep_columns])
+    return ScoreInputs(files, unreadable, id_column, not with_id, schema)
+
+
+def rows_per_unit(cfg: ScoreConfig, rows_in: int) -> int:
+    spread = math.ceil(rows_in / (cfg.pool_size * UNITS_PER_ACTOR)) if rows_in else cfg.unit_rows
+    rows = min(cfg.unit_rows, spread)
+    return max(cfg.batch_size, math.ceil(rows / cfg.batch_size) * cfg.batch_size)
+
+
+@dataclass
+class ScorePlan:
+    settings: dict  # what a resumed run must share (JSON-normal: as read back from the plan file)
+    rows_per_unit: int
+    units: list[WorkUnit] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"settings": self.settings, "rows_per_unit": self.rows_per_unit,
+                           "units": [asdict(u) for u in self.units]}) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ScorePlan:
+        data = json.loads(text)
+        return cls(data["settings"], data["rows_per_unit"], [WorkUnit(**u) for u in data["units"]])
+
+    def changed_settings(self, other: ScorePlan) -> list[str]:
+        return [key for key, value in self.settings.items() if other.settings.get(key) != value]
+
+
+def make_plan(cfg: ScoreConfig, inputs: ScoreInputs, adapter_identity: str | None, model: dict) -> ScorePlan:
+    """What this run will do: the settings a resumed run must share, and the work units."""
+    settings = {
+        "inputs": [asdict(f) for f in inputs.files],
+        "unreadable_files": [u["file"] for u in inputs.unreadable],
+        "id_column": inputs.id_column, "derived_ids": inputs.derived_ids, "text_column": cfg.text_column,
+        "keep_columns": list(cfg.keep_columns),
+        "adapter": adapter_identity,
+        "model": model,
+        "prompt": None if adapter_identity else cfg.prompt.to_dict(),
+    }
+    unit_size = rows_per_unit(cfg, inputs.rows_in)
+    units = plan_units(inputs.paths, unit_size)
+    return ScorePlan(json.loads(json.dumps(settings, default=str)), unit_size, units)

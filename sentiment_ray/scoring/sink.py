@@ -1,0 +1,143 @@
+"""Writing the scored rows: fragments with deterministic names, then the check that every unit is there once.
+
+`FragmentDatasink` is a Ray Data Datasink. Each write task splits the rows it is given by work unit into
+contiguous runs and writes each run as one object named by the rows it holds (`part-<file>-<first>-<end>`), whole
+or not at all (storage.Location.write_with: a rename locally, one upload on an object store). A retried write
+task writes the same names again, so it never adds a second copy. Each fragment carries its counts (rows by
+status, truncated, adapter) in its Parquet footer, so the commit needs no row of it.
+
+`check_committed` is the commit's check, run on the driver once the writes are done (and on a resume that
+finds nothing left to score): every unit of the plan is tiled exactly once by fragments (or recorded as
+skipped, with --skip-unreadable-files); fragments that a retried write left overlapping are deleted; the totals
+come from the footers. Only then does the job write the manifest, last.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sentiment_ray.scoring.output import Fragment, ScoreOutput, tile
+from sentiment_ray.scoring.stages import ROW_COLUMN, UNIT_COLUMN
+from sentiment_ray.work_units import WorkUnit
+
+COUNTS_KEY = b"sentiment_ray"
+OK_STATUS = "ok"
+FOOTER_READERS = 16
+
+
+def fragment_counts(table: pa.Table) -> dict:
+    statuses = {e["values"].as_py(): e["counts"].as_py() for e in pc.value_counts(table.column("status"))}
+    return {"rows": table.num_rows, "status_counts": statuses,
+            "truncated": pc.sum(table.column("truncated")).as_py() or 0,
+            "adapter": table.column("adapter")[0].as_py() if table.num_rows else None}
+
+
+def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkUnit], rows_per_write: int):
+    from ray.data.block import BlockAccessor
+    from ray.data.datasource import Datasink
+
+    class FragmentDatasink(Datasink):
+        def __init__(self):
+            self.written: list[dict] = []
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return rows_per_write  # about one work unit per write task: fragments of about a unit each
+
+        def write(self, blocks, ctx) -> list[dict]:
+            from sentiment_ray.storage import location
+
+            folder = location(output_uri)
+            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return []
+            table = pa.concat_tables(tables)
+            written = []
+            for unit_index in pc.unique(table.column(UNIT_COLUMN)).to_pylist():
+                part = table.filter(pc.equal(table.column(UNIT_COLUMN), unit_index))
+                part = part.sort_by(ROW_COLUMN)
+                rows = part.column(ROW_COLUMN).to_numpy()
+                breaks = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
+                for lo, hi in zip(breaks, breaks[1:]):
+                    run = part.slice(lo, hi - lo)
+                    fragment = Fragment(units[unit_index].file_index, int(rows[lo]), int(rows[hi - 1]) + 1)
+                    data = run.select(schema.names).cast(schema)
+                    counts = fragment_counts(data)
+                    data = data.replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()})
+                    folder.join(fragment.name).write_with(lambda stream, d=data: pq.write_table(d, stream))
+                    written.append({"fragment": fragment.name, **counts})
+            return written
+
+        def on_write_complete(self, write_result) -> None:
+            self.written = [w for task in write_result.write_returns for w in task]
+
+        def get_name(self) -> str:
+            return "ScoredFragments"
+
+    return FragmentDatasink()
+
+
+@dataclass
+class CommittedOutput:
+    rows_out: int = 0
+    rows_skipped: int = 0
+    truncated: int = 0
+    status_counts: Counter = field(default_factory=Counter)
+    units_skipped: list = field(default_factory=list)
+    fragments: int = 0
+    adapter: str | None = None
+
+
+class IncompleteOutput(RuntimeError):
+    pass
+
+
+def check_committed(output: ScoreOutput, units: list[WorkUnit], known: dict[str, dict]) -> CommittedOutput:
+    """Every unit tiled exactly once (or skipped); leftovers deleted; totals from the fragments' footers (`known`:
+    counts this run's write tasks returned, by fragment name, so only earlier runs' footers are read)."""
+    fragments = output.fragments()
+    skipped = {(r["file_index"], r["start"]): r for r in output.skipped_records()}
+    chosen: list[Fragment] = []
+    committed = CommittedOutput()
+    for unit in units:
+        record = skipped.get((unit.file_index, unit.start))
+        if record is not None:
+            committed.units_skipped.append(record)
+            committed.rows_skipped += unit.rows
+            continue
+        tiling = tile(unit, fragments)
+        if tiling is None:
+            raise IncompleteOutput(f"{unit.describe()} has no complete result in {output.folder}; rerun with --resume")
+        chosen += tiling
+    used = {f.name for f in chosen}
+    output.delete_fragments([f for f in fragments if f.name not in used])
+
+    def counts_of(fragment: Fragment) -> dict:
+        if fragment.name in known:
+            return known[fragment.name]
+        with output.folder.join(fragment.name).open_input() as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        counts = json.loads(metadata.metadata[COUNTS_KEY])
+        counts["rows"] = metadata.num_rows
+        return counts
+
+    with ThreadPoolExecutor(FOOTER_READERS) as pool:
+        for fragment, counts in zip(chosen, pool.map(counts_of, chosen)):
+            if counts["rows"] != fragment.rows:
+                raise IncompleteOutput(f"{output.folder.join(fragment.name)} holds {counts['rows']} rows for the "
+                                       f"{fragment.rows} its name promises")
+            committed.rows_out += counts["rows"]
+            committed.truncated += counts["truncated"]
+            committed.status_counts.update(counts["status_counts"])
+            committed.adapter = committed.adapter or counts["adapter"]
+    committed.fragments = len(chosen)
+    return committed

@@ -1,0 +1,268 @@
+"""The stages of the scoring pipeline, each a Ray Data operator on the resources it needs.
+
+    read (CPU tasks)       prepare (CPU actors)          score (GPU actors)                  sink (CPU tasks)
+    one task per unit  ->  clean, clip, tokenize by  ->  length-sorted forwards, the two  ->  fragments
+    any pyarrow fs         the adapter's prompt;         label logits; several batches        (sink.py)
+                           bad rows marked               in flight per actor
+
+Every row carries its work unit (`__unit`, its index in the plan) and its position in its input file (`__row`)
+from the read to the sink, and every stage returns exactly one row per row it was given, so the sink can name
+each fragment by the rows it holds. Token ids are what crosses from prepare to score: the GPU actor never
+tokenizes. Modelled on ray.data.llm's processors (a chain of map_batches stages split by resource).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sentiment_ray.data import InputError, one_line, unvalidated_type
+from sentiment_ray.faults import FaultPlan
+from sentiment_ray.work_units import WorkUnit, derived_ids, read_unit
+
+logger = logging.getLogger(__name__)
+
+UNIT_COLUMN = "__unit"
+ROW_COLUMN = "__row"
+TEXT_BYTES_COLUMN = "__text"  # the text as bytes (never validated by pyarrow), null where it is no text
+NOT_TEXT_COLUMN = "__not_text"  # the cell held a value of another type (a number, ...): non_string_text
+TOKENS_COLUMN = "__input_ids"
+FAULT_COLUMN = "__inject_failure"  # test hook SENTIMENT_RAY_FAULT_FAIL_TEXT, decided where the text is seen
+STATUS_PENDING = None  # status of a prepared row that the score stage still has to score
+# A batch whose scoring kills its actor this many times in one run (a row that crashes the process, not just
+# raises) ends the job naming its rows, rather than being retried by Ray forever.
+BATCH_ATTEMPTS = 4
+PROGRESS_EVERY_S = 30.0
+
+
+# ------------------------------------------------------------------------------------------------ read
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    id_column: str
+    text_column: str
+    keep_columns: tuple[str, ...]
+    derived_ids: bool
+    skip_unreadable_files: bool
+    schema: pa.Schema  # the output's: ids and kept columns are cast to it, so every block has one schema
+    output: str  # where a skipped unit's record goes
+
+
+def _text_as_bytes(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """(bytes or null per row, True where the cell held a non-text value): one schema for every input file,
+    whatever type its text column has, and no UTF-8 validation on the way to the prepare stage."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    binary = unvalidated_type(column.type)
+    if binary is None:  # numbers, ...: every non-null cell is marked non_string_text
+        return pa.nulls(len(column), pa.large_binary()), pc.fill_null(column.is_valid(), False)
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column.cast(binary).cast(pa.large_binary()), pa.array(np.zeros(len(column), dtype=bool))
+
+
+def read_unit_blocks(unit_index: int, unit: WorkUnit, spec: ReadSpec, rows_per_block: int):
+    """The rows of one work unit as blocks of at most `rows_per_block` rows."""
+    from sentiment_ray.storage import location
+
+    try:
+        table = read_unit(unit, [spec.id_column, spec.text_column, *spec.keep_columns])
+    except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file and rows
+        message = f"{unit.describe()}: unreadable ({type(exc).__name__}: {one_line(exc)})"
+        if not spec.skip_unreadable_files:
+            raise InputError(f"{message}; pass --skip-unreadable-files to skip and report it instead") from None
+        from sentiment_ray.scoring.output import SKIPPED_PREFIX
+
+        record = {**asdict(unit), "rows": unit.rows, "error": message}
+        location(spec.output).join(f"{SKIPPED_PREFIX}{unit.name}.json").write_bytes(json.dumps(record).encode())
+        logger.warning("skipped %s", message)
+        return
+    ids = derived_ids(unit) if spec.derived_ids else table.column(spec.id_column)
+    columns = {spec.id_column: ids, **{name: table.column(name) for name in spec.keep_columns}}
+    kept = pa.table({name: values.cast(spec.schema.field(name).type) for name, values in columns.items()})
+    text, not_text = _text_as_bytes(table.column(spec.text_column))
+    block = kept.append_column(TEXT_BYTES_COLUMN, text).append_column(NOT_TEXT_COLUMN, not_text)
+    block = block.append_column(UNIT_COLUMN, pa.array(np.full(unit.rows, unit_index, dtype=np.int32)))
+    block = block.append_column(ROW_COLUMN, pa.array(np.arange(unit.start, unit.stop, dtype=np.int64)))
+    for start in range(0, block.num_rows, rows_per_block):
+        yield block.slice(start, rows_per_block)
+
+
+def unit_datasource(units: list[tuple[int, WorkUnit]], spec: ReadSpec, rows_per_block: int):
+    """A Ray Data Datasource with one read task per pending work unit, on any pyarrow filesystem."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class WorkUnitDatasource(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(unit.rows for _, unit in units) * 2048
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [ReadTask(partial(read_unit_blocks, index, unit, spec, rows_per_block),
+                             BlockMetadata(num_rows=unit.rows, size_bytes=unit.rows * 2048, exec_stats=None,
+                                           input_files=[unit.file]))
+                    for index, unit in units]
+
+        def get_name(self) -> str:
+            return "WorkUnits"
+
+    return WorkUnitDatasource()
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+class PrepareStage:
+    """CPU actor: the adapter's tokenizer and prompt spec, loaded once; each batch cleaned, clipped and
+    tokenized, bad rows marked with their status."""
+
+    def __init__(self, adapter: str | None, weights_sha256: str | None, model: dict, prompt: dict,
+                 fail_text: str | None = None):
+        from sentiment_ray.config import ScoringModelConfig
+        from sentiment_ray.prompt import PromptSpec
+        from sentiment_ray.scorer import TextPreparer
+
+        self.preparer = TextPreparer.load(adapter, weights_sha256, ScoringModelConfig(**model),
+                                          PromptSpec.from_dict(prompt))
+        self.fail_text = fail_text
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [None if v is None else v.decode("utf-8", "surrogateescape")
+                 for v in batch.column(TEXT_BYTES_COLUMN).to_pylist()]
+        not_text = batch.column(NOT_TEXT_COLUMN).to_pylist()
+        prepared = self.preparer.prepare([1 if odd else t for t, odd in zip(texts, not_text)])  # 1: not text
+        out = batch.drop_columns([TEXT_BYTES_COLUMN, NOT_TEXT_COLUMN])
+        out = out.append_column(TOKENS_COLUMN, pa.array(prepared.input_ids, pa.list_(pa.int32())))
+        out = out.append_column("status", pa.array(prepared.statuses, pa.string()))
+        out = out.append_column("truncated", pa.array(prepared.truncated, pa.bool_()))
+        out = out.append_column("error", pa.array(prepared.errors, pa.string()))
+        if self.fail_text:
+            out = out.append_column(FAULT_COLUMN, pa.array([t is not None and self.fail_text in t for t in texts]))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ score
+
+
+class AttemptLedger:
+    """A small actor that counts, for this driver run, how often scoring a batch was started and not finished:
+    within one run a batch is started again only after the actor scoring it died. It dies with the driver, so
+    a killed driver's attempts never count against a batch."""
+
+    def __init__(self):
+        self.open: dict[tuple[int, int], int] = {}
+
+    def begin(self, key: tuple[int, int]) -> int:
+        self.open[key] = self.open.get(key, 0) + 1
+        return self.open[key]
+
+    def end(self, key: tuple[int, int]) -> None:
+        self.open.pop(key, None)
+
+
+def attempt_ledger(run_id: str):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: a 0-CPU actor may otherwise be placed on any node, and the loss of a worker node (the
+    # very failure the ledger is there for) would take it along and fail every scoring actor that asks it.
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(AttemptLedger).options(
+        name=f"sentiment-ray-attempts-{run_id}", get_if_exists=True, lifetime=None,
+        scheduling_strategy=driver_node).remote()
+
+
+def _token_rows(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """Each row's token ids as a numpy view into the Arrow list column (no Python int per token)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    ends = np.cumsum(lengths)
+    return [flat[end - length:end] for end, length in zip(ends, lengths)]
+
+
+class ScoreStage:
+    """GPU (or CPU) actor: base model + adapter loaded once; each batch's prepared rows scored in length-sorted
+    forwards. Rows marked by the prepare stage pass through with their status."""
+
+    def __init__(self, adapter: str | None, weights_sha256: str | None, model: dict, prompt: dict,
+                 max_batch_tokens: int | None, torch_threads: int | None, run_id: str, files: list[str],
+                 unit_files: list[int], faults: dict | None = None):
+        import ray
+        import torch
+
+        from sentiment_ray.config import ScoringModelConfig
+        from sentiment_ray.prompt import PromptSpec
+        from sentiment_ray.scorer import SentimentScorer
+
+        if torch_threads and not torch.cuda.is_available():
+            torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the reserved CPUs; say it explicitly
+        self.scorer = SentimentScorer.load(adapter, ScoringModelConfig(**model), PromptSpec.from_dict(prompt),
+                                           max_batch_tokens, weights_sha256=weights_sha256)
+        self.ledger = ray.get_actor(f"sentiment-ray-attempts-{run_id}")
+        self.files, self.unit_files = files, unit_files  # to name the rows of a batch that keeps killing its actor
+        self.faults = FaultPlan(**(faults or {}))
+        self.batches_done = self.rows_done = 0
+        self.started = self.last_report = time.perf_counter()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
+        from sentiment_ray.scorer import score_with_retry
+
+        key = (int(batch.column(UNIT_COLUMN)[0].as_py()), int(batch.column(ROW_COLUMN)[0].as_py()))
+        attempts = ray.get(self.ledger.begin.remote(key))
+        if attempts > BATCH_ATTEMPTS:
+            raise InputError(f"{self.files[self.unit_files[key[0]]]} rows {key[1]}-{key[1] + batch.num_rows - 1}: {BATCH_ATTEMPTS} attempts in "
+                             "this run ended with the scoring process dying; a row there crashes the process "
+                             "(memory?). Fix or remove it, then rerun with --resume")
+        statuses = batch.column("status").to_pylist()
+        pending = [i for i, s in enumerate(statuses) if s is STATUS_PENDING]
+        tokens = _token_rows(batch.column(TOKENS_COLUMN))
+        fault = batch.column(FAULT_COLUMN).to_pylist() if FAULT_COLUMN in batch.column_names else [False] * len(tokens)
+        result = score_with_retry(self._score, [(tokens[i], fault[i]) for i in pending], on_retry=logger.warning)
+        scores = [None] * batch.num_rows
+        errors = batch.column("error").to_pylist()
+        for i, score, status, error in zip(pending, result.scores, result.statuses, result.errors):
+            scores[i], statuses[i], errors[i] = score, status, error
+        label_ids = [None if s is None else int(s >= 0.5) for s in scores]
+        from sentiment_ray.labels import CLASS_NAMES
+
+        out = batch.drop_columns([c for c in (TOKENS_COLUMN, FAULT_COLUMN, "status", "error") if c in batch.column_names])
+        out = out.append_column("label", pa.array([None if i is None else CLASS_NAMES[i] for i in label_ids], pa.string()))
+        out = out.append_column("label_id", pa.array(label_ids, pa.int8()))
+        out = out.append_column("score", pa.array(scores, pa.float64()))
+        out = out.append_column("status", pa.array(statuses, pa.string()))
+        out = out.append_column("adapter", pa.array([self.scorer.identity] * batch.num_rows, pa.string()))
+        out = out.append_column("error", pa.array(errors, pa.string()))
+        self.ledger.end.remote(key)
+        self.batches_done += 1
+        self._report_progress(batch.num_rows)
+        self.faults.maybe_exit(self.batches_done)
+        return out
+
+    def _score(self, rows: list[tuple[list[int], bool]]):
+        from sentiment_ray.scorer import STATUS_OK, BatchScores
+
+        if self.faults.fail_text and any(flag for _, flag in rows):
+            from sentiment_ray.faults import FAIL_TEXT, InjectedFault
+
+            raise InjectedFault(f"injected failure for a batch holding {self.faults.fail_text!r} ({FAIL_TEXT})")
+        scores = self.scorer.score_token_ids([ids for ids, _ in rows])
+        return BatchScores(scores, [STATUS_OK] * len(scores), [False] * len(scores))
+
+    def _report_progress(self, rows: int) -> None:
+        self.rows_done += rows
+        now = time.perf_counter()
+        if now - self.last_report >= PROGRESS_EVERY_S:
+            self.last_report = now
+            logger.warning("scoring actor %s: %d rows (%.1f rows/s)", os.getpid(), self.rows_done,
+                           self.rows_done / (now - self.started))

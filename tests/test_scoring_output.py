@@ -1,0 +1,120 @@
+"""The scoring output folder: what a run may do with what is there, and which fragments make a unit whole."""
+
+from pathlib import Path
+
+import pytest
+
+from sentiment_ray.outputs import OutputExistsError, OutputNotWritableError
+from sentiment_ray.scoring.output import (
+    MANIFEST_FILE,
+    PLAN_FILE,
+    Fragment,
+    OutputState,
+    fragment_name,
+    open_score_output,
+    tile,
+)
+from sentiment_ray.work_units import WorkUnit
+
+PART = fragment_name(0, 0, 10)
+
+
+def _contents(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _foreign_folder(path: Path) -> Path:
+    """A user's folder: two files and a sub-folder of CSVs."""
+    (path / "csv").mkdir(parents=True)
+    (path / "csv" / "a.csv").write_text("1,2\n")
+    (path / "thesis.pdf").write_text("years of work")
+    (path / "notes.txt").write_text("keep me")
+    return path
+
+
+def test_fresh_and_empty_outputs_start_a_run(tmp_path):
+    assert open_score_output(str(tmp_path / "out"), overwrite=False, resume=False).state is OutputState.FRESH
+    (tmp_path / "empty").mkdir()
+    assert open_score_output(str(tmp_path / "empty"), overwrite=False, resume=False).state is OutputState.FRESH
+    assert open_score_output(str(tmp_path / "new"), overwrite=False, resume=True).state is OutputState.FRESH
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # opening writes nothing
+
+
+def test_an_unfinished_run_is_continued_only_with_resume_and_dropped_only_with_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PLAN_FILE).write_text("{}")
+    (out / PART).write_text("x")
+    with pytest.raises(OutputExistsError, match="stopped before finishing .*; pass --resume to continue it or "
+                                                "--overwrite to start over"):
+        open_score_output(str(out), overwrite=False, resume=False)
+    assert open_score_output(str(out), overwrite=False, resume=True).state is OutputState.UNFINISHED
+    assert _contents(out) == {PLAN_FILE: b"{}", PART: b"x"}
+    assert open_score_output(str(out), overwrite=True, resume=False).state is OutputState.FRESH
+    assert not out.exists() or not list(out.iterdir())  # --overwrite starts over
+
+
+def test_a_finished_output_is_checked_with_resume_and_replaced_with_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PART).write_text("x")
+    (out / MANIFEST_FILE).write_text("{}")
+    with pytest.raises(OutputExistsError, match="already exists; pass --resume to check it .* or --overwrite"):
+        open_score_output(str(out), overwrite=False, resume=False)
+    assert open_score_output(str(out), overwrite=False, resume=True).state is OutputState.FINISHED
+    with pytest.raises(OutputExistsError, match="not both"):
+        open_score_output(str(out), overwrite=True, resume=True)
+    assert open_score_output(str(out), overwrite=True, resume=False).state is OutputState.FRESH
+    assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize("flags", [dict(overwrite=True, resume=False), dict(overwrite=False, resume=True),
+                                   dict(overwrite=False, resume=False)])
+def test_a_folder_of_other_things_is_refused_whatever_the_flags(tmp_path, flags):
+    out = _foreign_folder(tmp_path / "out")
+    before = _contents(out)
+    with pytest.raises(OutputExistsError, match=rf"^output {out} holds 3 entries not written by sentiment-ray, "
+                                                r"e\.g\. csv/, notes\.txt, thesis\.pdf; choose another path"):
+        open_score_output(str(out), **flags)
+    assert _contents(out) == before
+
+
+def test_a_file_home_and_roots_are_never_outputs(tmp_path, monkeypatch):
+    path = tmp_path / "reviews.parquet"
+    path.write_bytes(b"PAR1 user data")
+    home = tmp_path / "me"
+    home.mkdir()
+    (home / MANIFEST_FILE).write_text("{}")  # even a home that looks like an output of this tool
+    monkeypatch.setenv("HOME", str(home))
+    for output, message in ((path, f"output {path} is a file not written by sentiment-ray"),
+                            (home, f"output {home} is your home directory"), ("~", f"output {home} is your home"),
+                            ("/", "output / is a filesystem root")):
+        for overwrite in (True, False):
+            with pytest.raises(OutputExistsError, match=f"^{message}"):
+                open_score_output(str(output), overwrite=overwrite, resume=not overwrite)
+    assert path.read_bytes() == b"PAR1 user data" and (home / MANIFEST_FILE).exists()
+
+
+def test_an_unwritable_location_is_found_before_the_work(tmp_path):
+    with pytest.raises(OutputNotWritableError, match=r"^output /proc/sr-out: cannot write in /proc"):
+        open_score_output("/proc/sr-out", overwrite=False, resume=False)
+
+
+def test_fragment_names_sort_in_input_order_and_parse_back():
+    names = [fragment_name(1, 0, 5), fragment_name(0, 10, 20), fragment_name(0, 2, 10), fragment_name(10, 0, 1)]
+    assert [Fragment.parse(n) for n in sorted(names)] == [Fragment(0, 2, 10), Fragment(0, 10, 20), Fragment(1, 0, 5),
+                                                          Fragment(10, 0, 1)]
+    assert Fragment.parse("part-00000.parquet") is None and Fragment.parse(MANIFEST_FILE) is None
+
+
+def test_a_unit_is_whole_only_when_its_fragments_tile_it_exactly_once():
+    unit = WorkUnit(3, "/in/c.parquet", "c.parquet", 100, 200)
+    whole = [Fragment(3, 100, 150), Fragment(3, 150, 200)]
+    assert tile(unit, whole) == whole
+    assert tile(unit, [Fragment(3, 100, 150)]) is None  # a gap: rows 150-199 missing
+    assert tile(unit, [Fragment(3, 100, 150), Fragment(4, 150, 200)]) is None  # another file's rows
+    # A write retried with other block boundaries left overlapping fragments: one exact tiling is chosen, and
+    # only through fragments that fit together (here the long first one leads nowhere).
+    retried = [Fragment(3, 100, 160), Fragment(3, 100, 120), Fragment(3, 120, 150), Fragment(3, 150, 200)]
+    assert tile(unit, retried) == [Fragment(3, 100, 120), Fragment(3, 120, 150), Fragment(3, 150, 200)]
+    assert tile(unit, [Fragment(3, 100, 200), Fragment(3, 100, 150)]) == [Fragment(3, 100, 200)]

@@ -27,8 +27,8 @@ def resolve_parquet_files(pattern: str) -> list[str]:
     """A Parquet file, a folder of them, or a glob → sorted absolute paths; a URI (file, folder) → sorted URIs.
 
     A folder contributes its `*.parquet` files at any depth, except those under a name starting with `_` or `.`
-    (the convention of pyarrow datasets): an earlier output's manifest, this tool's hidden `.X.partial` and
-    staging folders are never read as reviews. A glob gives the `.parquet` files and the folders it matches,
+    (the convention of pyarrow datasets): an earlier output's manifest and plan, this tool's hidden temporary
+    files and staging folders are never read as reviews. A glob gives the `.parquet` files and the folders it matches,
     the same names skipped unless the pattern spells them out (`_*.parquet`, `.cache/*.parquet`); a plain path
     names its file whatever its suffix."""
     if is_uri(pattern):

@@ -91,10 +91,11 @@ def adapter_weights_sha256(folder: str | Path | Location) -> str:
     return digest.hexdigest()
 
 
-def adapter_identity(folder: str | Path | Location) -> str:
-    """`<folder name>@<sha256 of the adapter weights, 12 hex>`: names the exact weights that scored a row."""
+def adapter_identity(folder: str | Path | Location, weights_sha256: str | None = None) -> str:
+    """`<folder name>@<sha256 of the adapter weights, 12 hex>`: names the exact weights that scored a row
+    (hashed here unless the caller already knows the hash)."""
     folder = location(folder)
-    return f"{folder.name}@{adapter_weights_sha256(folder)[:12]}"
+    return f"{folder.name}@{(weights_sha256 or adapter_weights_sha256(folder))[:12]}"
 
 
 def local_adapter(adapter: str | Path | Location, weights_sha256: str | None = None) -> Path:

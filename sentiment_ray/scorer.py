@@ -206,10 +206,8 @@ class SentimentScorer:
         from sentiment_ray import backends
         from sentiment_ray.metadata import local_adapter
 
-        identity = adapter_identity(adapter_dir) if weights_sha256 is None else None
+        identity = adapter_identity(adapter_dir, weights_sha256)  # the given folder's name, not the cache's
         local = local_adapter(adapter_dir, weights_sha256)
-        if identity is None:  # named by the given folder, not by the cache folder it was copied into
-            identity = f"{Path(str(adapter_dir).rstrip('/')).name}@{weights_sha256[:12]}"
         metadata = read_metadata(local)
         model = model or ModelConfig(name_or_path="")
         base = backends.resolve_model_path(model.name_or_path or metadata.base_model)

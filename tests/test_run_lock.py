@@ -10,6 +10,7 @@ import pytest
 
 from sentiment_ray.cli import main
 from sentiment_ray.run_lock import OutputLockedError, RunLock, lock_path
+from sentiment_ray.scoring import PLAN_FILE
 from tests.conftest import write_reviews
 
 HOLD_LOCK = textwrap.dedent("""
@@ -62,9 +63,8 @@ def test_the_lock_is_taken_again_after_release_and_is_exclusive_within_a_process
 def test_score_into_an_output_that_another_run_holds_exits_2_before_touching_anything(tmp_path, random_adapter, capsys):
     reviews = write_reviews(tmp_path / "in.parquet", ["fine"], ids=["a"])
     final = tmp_path / "scored"
-    work = tmp_path / ".scored.partial"
-    work.mkdir()
-    (work / "_plan.json").write_text("{}")  # the holder's work: --overwrite must not delete it under its feet
+    final.mkdir()
+    (final / PLAN_FILE).write_text("{}")  # the holder's work: --overwrite must not delete it under its feet
     holder = _holder(final)
     try:
         code = main(["score", "--input", str(reviews), "--output", str(final), "--adapter", str(random_adapter),
@@ -75,4 +75,4 @@ def test_score_into_an_output_that_another_run_holds_exits_2_before_touching_any
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"another run is writing into {final}" in err and f"pid {holder.pid}" in err
-    assert (work / "_plan.json").read_text() == "{}" and not final.exists()
+    assert (final / PLAN_FILE).read_text() == "{}" and sorted(p.name for p in final.iterdir()) == [PLAN_FILE]

@@ -56,7 +56,7 @@ class ScoringModel:
 
 
 def resolve_model(cfg: ScoreConfig) -> ScoringModel:
-    from sentiment_ray.metadata import adapter_weights_sha256
+    from sentiment_ray.metadata import adapter_identity, adapter_weights_sha256
     from sentiment_ray.scorer import check_loadable
 
     adapter = location(cfg.adapter).uri if cfg.adapter else None
@@ -69,7 +69,7 @@ def resolve_model(cfg: ScoreConfig) -> ScoringModel:
         if local.exists():
             model["name_or_path"] = str(local.resolve())  # actors run in another working directory
     sha = adapter_weights_sha256(adapter) if adapter else None
-    identity = f"{location(adapter).name}@{sha[:12]}" if adapter else None
+    identity = adapter_identity(adapter, sha) if adapter else None
     return ScoringModel(adapter, sha, identity, model, cfg.prompt.to_dict())
 
 
@@ -93,7 +93,6 @@ def _score(cfg: ScoreConfig) -> dict:
     fragments = output.fragments()
     pending = [(i, u) for i, u in enumerate(plan.units)
                if tile(u, fragments) is None and not output.skipped_path(u).exists()]
-    pending_names = {u.name for _, u in pending}
     # Fragments of an unfinished unit are rewritten whole by this run: drop the stale ones first.
     output.delete_fragments([f for f in fragments if any(
         f.file_index == u.file_index and u.start <= f.start < u.stop for _, u in pending)])
@@ -107,7 +106,7 @@ def _score(cfg: ScoreConfig) -> dict:
     committed = check_committed(output, plan.units, written)
     rows_scored_now = sum(u.rows for _, u in pending) - sum(
         u.rows for _, u in pending if output.skipped_path(u).exists())
-    manifest = _manifest(cfg, inputs, plan, committed, len(pending), len(pending_names), rows_scored_now, seconds)
+    manifest = _manifest(cfg, inputs, plan, committed, len(pending), rows_scored_now, seconds)
     output.manifest_file.write_bytes((json.dumps(manifest, indent=2, default=str) + "\n").encode())
     skipped = (f"; SKIPPED {committed.rows_skipped} rows in {len(committed.units_skipped)} unit(s) and "
                f"{len(inputs.unreadable)} unreadable file(s)") if committed.rows_skipped or inputs.unreadable else ""
@@ -233,7 +232,7 @@ def _input_error_inside(exc: BaseException) -> InputError | None:
 
 
 def _manifest(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, committed: CommittedOutput, units_run: int,
-              _names: int, rows_scored_now: int, seconds: float) -> dict:
+              rows_scored_now: int, seconds: float) -> dict:
     statuses = dict(committed.status_counts)
     return {
         "rows_in": inputs.rows_in,

@@ -108,7 +108,7 @@ def start_s3_server(work: Path) -> subprocess.Popen:
             time.sleep(0.1)
     import pyarrow.fs as pafs
 
-    pafs.FileSystem.from_uri("s3://soak-bucket")[0].create_dir("soak-bucket")
+    pafs.FileSystem.from_uri("s3://soak-bucket?allow_bucket_creation=true")[0].create_dir("soak-bucket")
     return server
 
 

@@ -41,6 +41,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
+def foreign_folder(path: Path) -> Path:
+    """A user's folder that no output rule may touch: two files and a sub-folder of CSVs."""
+    (path / "csv").mkdir(parents=True)
+    (path / "csv" / "a.csv").write_text("1,2\n")
+    (path / "thesis.pdf").write_text("years of work")
+    (path / "notes.txt").write_text("keep me")
+    return path
+
+
 def write_reviews(path: Path, texts, labels=None, ids=None, **extra) -> Path:
     columns = {"id": ids if ids is not None else [f"{path.stem}-{i}" for i in range(len(texts))], "text": texts}
     if labels is not None:

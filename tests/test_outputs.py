@@ -12,17 +12,9 @@ from sentiment_ray.outputs import (
     commit,
     refuse_overlap,
 )
+from tests.conftest import foreign_folder
 
 MARKER = "_done.json"
-
-
-def _foreign_folder(path: Path) -> Path:
-    """A user's folder: two files and a sub-folder of CSVs."""
-    (path / "csv").mkdir(parents=True)
-    (path / "csv" / "a.csv").write_text("1,2\n")
-    (path / "thesis.pdf").write_text("years of work")
-    (path / "notes.txt").write_text("keep me")
-    return path
 
 
 def _contents(folder: Path) -> dict:
@@ -42,7 +34,7 @@ def test_existing_output_of_this_tool(tmp_path):
 @pytest.mark.parametrize("flags", [dict(overwrite=True, resume=False), dict(overwrite=False, resume=True),
                                    dict(overwrite=False, resume=False)])
 def test_a_folder_of_other_things_is_refused_whatever_the_flags(tmp_path, flags):
-    out = _foreign_folder(tmp_path / "out")
+    out = foreign_folder(tmp_path / "out")
     before = _contents(out)
     message = (rf"^output {out} holds 3 entries not written by sentiment-ray, e\.g\. csv/, notes\.txt, thesis\.pdf; "
                rf"choose another path \(--overwrite replaces only a folder holding {MARKER} or an empty folder\)$")
@@ -138,7 +130,7 @@ def test_commit_replaces_an_output_of_this_tool_and_leaves_nothing_behind(tmp_pa
 
 
 def test_commit_checks_again_what_it_replaces(tmp_path):
-    final = _foreign_folder(tmp_path / "out")  # the user filled the folder while the run was working
+    final = foreign_folder(tmp_path / "out")  # the user filled the folder while the run was working
     before = _contents(final)
     staging = tmp_path / ".out.tmp-1"
     staging.mkdir()

@@ -15,21 +15,13 @@ from sentiment_ray.scoring.output import (
     tile,
 )
 from sentiment_ray.work_units import WorkUnit
+from tests.conftest import foreign_folder
 
 PART = fragment_name(0, 0, 10)
 
 
 def _contents(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _foreign_folder(path: Path) -> Path:
-    """A user's folder: two files and a sub-folder of CSVs."""
-    (path / "csv").mkdir(parents=True)
-    (path / "csv" / "a.csv").write_text("1,2\n")
-    (path / "thesis.pdf").write_text("years of work")
-    (path / "notes.txt").write_text("keep me")
-    return path
 
 
 def test_fresh_and_empty_outputs_start_a_run(tmp_path):
@@ -71,7 +63,7 @@ def test_a_finished_output_is_checked_with_resume_and_replaced_with_overwrite(tm
 @pytest.mark.parametrize("flags", [dict(overwrite=True, resume=False), dict(overwrite=False, resume=True),
                                    dict(overwrite=False, resume=False)])
 def test_a_folder_of_other_things_is_refused_whatever_the_flags(tmp_path, flags):
-    out = _foreign_folder(tmp_path / "out")
+    out = foreign_folder(tmp_path / "out")
     before = _contents(out)
     with pytest.raises(OutputExistsError, match=rf"^output {out} holds 3 entries not written by sentiment-ray, "
                                                 r"e\.g\. csv/, notes\.txt, thesis\.pdf; choose another path"):

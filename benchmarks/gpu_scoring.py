@@ -107,7 +107,7 @@ def ray_job(variant: str, adapter: Path, data: str, rows: int, work: Path, batch
                       num_cpus_per_actor=4,
                       num_gpus_per_actor=1, model=ScoringModelConfig(**VARIANTS[variant]))
     summary = run_scoring(cfg)
-    return {"rows": summary["rows_out"], "seconds": summary["seconds"], "reviews_per_second": summary["rows_per_second"]}
+    return {"rows": summary.rows_out, "seconds": summary.seconds, "reviews_per_second": summary.rows_per_second}
 
 
 def main() -> None:

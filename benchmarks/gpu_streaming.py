@@ -10,7 +10,9 @@ tokenizer (`--arch`: config.json + tokenizer files of the embedded model, no wei
 architecture with an IMDB-trained BPE (benchmarks/gpu_common.py); a random r=16 adapter on all seven projections,
 merged into the bf16 base. The IMDB dev reviews are tiled to each size (fresh ids, 16 files). Each size runs the
 product's job (`run_scoring`) end to end; steady = (large - small rows) / (large - small seconds), so start-up
-cancels. GPU busy = mean of nvidia-smi's utilization.gpu (share of time a kernel ran) over the large run's middle
+cancels. Stage busy = the share of the scoring actor's time, from its first batch to its last, spent inside its
+batches (the job's manifest, `score_stage`): how well the read and tokenize stages feed it. GPU busy = mean of
+nvidia-smi's utilization.gpu (share of time a kernel ran) over the large run's middle
 80 %. `--old-tree` (a checkout of the work-unit pipeline, commit db147a8) runs the same sizes with the old job in
 a subprocess, in the same call, for a side-by-side figure.
 """
@@ -18,6 +20,7 @@ a subprocess, in the same call, for a side-by-side figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -114,8 +117,8 @@ def run_job(adapter: Path, inputs: Path, output: Path, batch_size: int, max_batc
                       model=ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=True))
     started = time.perf_counter()
     summary = run_scoring(cfg)
-    return {"rows": summary["rows_out"], "seconds": time.perf_counter() - started, "started": started,
-            "job_seconds": summary["seconds"], "reviews_per_second": summary["rows_out"] / (time.perf_counter() - started)}
+    return {"rows": summary.rows_out, "seconds": time.perf_counter() - started, "started": started,
+            "job_seconds": summary.seconds, "score_stage": dataclasses.asdict(summary.score_stage), "reviews_per_second": summary.rows_out / (time.perf_counter() - started)}
 
 
 OLD_JOB = """
@@ -197,12 +200,13 @@ def main() -> None:
     (out / f"gpu_streaming_{args.model}.json").write_text(json.dumps(report, indent=2))
     print(f"\n{report['gpu']}, {args.model} (random weights, r=16 adapter merged, bf16), IMDB dev reviews tiled, "
           f"batch {args.batch_size}, forwards of <= {args.max_batch_tokens} tokens")
-    print(f"{'pipeline':12}{'rows':>9}{'seconds':>9}{'reviews/s end to end':>22}{'GPU busy':>10}")
+    print(f"{'pipeline':12}{'rows':>9}{'seconds':>9}{'reviews/s end to end':>22}{'GPU busy':>10}{'stage busy':>12}")
     for name in ("new", "old"):
         for n, r in report[name].items():
             busy = r.get("gpu_busy")
+            stage = (r.get("score_stage") or {}).get("busy_fraction")
             print(f"{name:12}{r['rows']:>9}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>22.1f}"
-                  f"{'' if busy is None else f'{busy:.0%}':>10}")
+                  f"{'' if busy is None else f'{busy:.0%}':>10}{'' if stage is None else f'{stage:.0%}':>12}")
     print(f"steady reviews/s: new {report['new_steady']:.1f}"
           + (f", old {report['old_steady']:.1f}" if "old_steady" in report else ""))
 

@@ -141,6 +141,7 @@ def soak(rows: int, args, work: Path) -> dict:
     tile_imdb(source, rows, args.files, inputs, args.unit_rows)
     command = [sys.executable, "-m", "sentiment_ray.cli", "score", "--input", str(inputs), "--output", output,
                "--pool-size", str(args.pool_size), "--batch-size", str(args.batch_size),
+               *([f"max_batch_tokens={args.max_batch_tokens}"] if args.max_batch_tokens else []),
                "model.name_or_path=embedded:tiny-random-mistral", "model.dtype=float32", "num_cpus_per_actor=1",
                f"unit_rows={args.unit_rows}", "ray.address=local", "ray.num_cpus=3", f"prompt.max_length={args.max_length}"]
     marker = work / f"actor-killed-{rows}"
@@ -174,6 +175,8 @@ def main() -> None:
     parser.add_argument("--unit-rows", type=int, default=10_000)
     parser.add_argument("--pool-size", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="forwards of at most this many padded tokens within each batch (default: the whole batch)")
     parser.add_argument("--max-length", type=int, default=128, help="prompt tokens (the tiny model is the cost floor)")
     parser.add_argument("--actor-exit-after-batches", type=int, default=40)
     parser.add_argument("--kill-at", type=float, default=0.4, help="fraction of units committed when the driver dies")

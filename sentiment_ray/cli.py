@@ -82,11 +82,12 @@ def cmd_finetune(args) -> int:
 def cmd_score(args) -> int:
     from sentiment_ray.scoring import run_scoring
 
-    cfg = load_config(ScoreConfig, args.config, _score_overrides(args))
-    summary = run_scoring(cfg)
+    threshold = [] if args.threshold is None else [f"threshold={args.threshold!r}"]
+    cfg = load_config(ScoreConfig, args.config, _score_overrides(args) + threshold)
+    summary = run_scoring(cfg).to_dict()
     keys = ("output", "rows_in", "rows_out", "rows_scored", "rows_marked", "rows_skipped", "status_counts",
-            "files_skipped", "units", "rows_per_second")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+            "files_skipped", "units", "rows_scored_this_run", "rows_per_second")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
     return 0
 
 
@@ -111,7 +112,7 @@ def cmd_evaluate(args) -> int:
     if score_cfg is not None:
         from sentiment_ray.scoring import run_scoring
 
-        scored = run_scoring(score_cfg)["output"]
+        scored = run_scoring(score_cfg).output
     metrics = write_evaluation(scored, labels, out_dir, id_column=args.id_column or "id",
                                label_column=args.label_column, threshold=args.threshold)
     print(format_metrics(metrics))
@@ -146,6 +147,25 @@ def _printable(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def cmd_excerpts(args) -> int:
+    from pathlib import Path
+
+    from sentiment_ray.excerpts import make_excerpt_set
+    from sentiment_ray.outputs import OutputExistsError
+
+    output = Path(args.output).expanduser().resolve()
+    if output.exists():
+        raise OutputExistsError(f"output {output} already exists; choose a new path (excerpts never replaces a file)")
+    if output == Path(args.input).expanduser().resolve():
+        raise OutputExistsError(f"output {output} is the input; choose a new path")
+    partial = output.with_name(f".{output.name}.partial")
+    rows = make_excerpt_set(args.input, str(partial), seed=args.seed, text_column=args.text_column,
+                            id_column=args.id_column, label_column=args.label_column)
+    partial.rename(output)  # whole or not at all
+    print(f"{rows} excerpts of 8-60 words (seed {args.seed}) written to {output}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from sentiment_ray.demo import run_demo
 
@@ -178,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an earlier run into --output that stopped (crash, kill): committed work is kept")
     p.add_argument("--skip-unreadable-files", action="store_true",
                    help="skip (and report) Parquet files or row groups that cannot be read, instead of failing")
+    p.add_argument("--threshold", type=float,
+                   help="label positive when score >= this (default: the adapter's stored threshold, else 0.5)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="accuracy, precision, recall, F1, ROC AUC, confusion matrix, plots")
@@ -195,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="override the adapter's base model (zero-shot default: embedded SmolLM2)")
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("excerpts", help="a short-text evaluation set: one 8-60 word excerpt per labeled review")
+    p.add_argument("--input", required=True, help="a labeled Parquet file (e.g. dev.parquet)")
+    p.add_argument("--output", required=True, help="the Parquet file to write (must not exist)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--label-column", default="label")
+    p.set_defaults(func=cmd_excerpts)
 
     p = sub.add_parser("demo", help="zero-setup demo on CPU: embedded SmolLM2, IMDB sample, local Ray")
     p.add_argument("--output-dir", default="demo_output")

@@ -83,10 +83,15 @@ class DataConfig:
     label_column: str = "label"
     limit: int | None = None  # take the first N rows after shuffling (seeded)
     shuffle_seed: int = 0
+    # Share of the training rows replaced by an excerpt of themselves (8-60 consecutive words, same label,
+    # chosen by shuffle_seed): teaches the adapter short texts too (sentiment_ray/excerpts.py). 0: whole reviews.
+    excerpt_share: float = 0.0
 
     def __post_init__(self):
         if self.limit is not None:
             _positive("data.limit", self.limit)
+        if not 0.0 <= self.excerpt_share <= 1.0:
+            raise ConfigError(f"data.excerpt_share must be in [0, 1], got {self.excerpt_share}")
 
 
 @dataclass
@@ -173,6 +178,9 @@ class ScoreConfig:
     id_column: str | None = None
     text_column: str = "text"
     keep_columns: list[str] = field(default_factory=list)  # input columns copied to the output (text included)
+    # label/label_id are positive when score >= threshold. None: the threshold stored with the adapter
+    # (`threshold` in sentiment_ray.json), else 0.5. `evaluate` reports the best one on a labeled set.
+    threshold: float | None = None
     batch_size: int = 32  # rows per Ray Data batch of the prepare (tokenize) and score stages
     # None: one forward pass per batch. A number: each batch is sorted by length and cut into forward passes
     # of at most this many padded tokens (less padding; bounded activation memory).
@@ -187,7 +195,7 @@ class ScoreConfig:
     # after the scoring actors and the read/write tasks.
     prepare_actors: int | None = None
     num_cpus_per_prepare_actor: float = 1.0
-    io_cpus: float = 0.25  # per read and per write task: light, and never starved on a small node
+    io_cpus: float = 0.25  # per read task: light, so reads are never starved on a small node (writes reserve 0)
     model: ScoringModelConfig = field(default_factory=ScoringModelConfig)
     prompt: PromptSpec = field(default_factory=PromptSpec)  # used only for zero-shot; an adapter brings its own
     ray: RayConfig = field(default_factory=RayConfig)
@@ -212,6 +220,8 @@ class ScoreConfig:
             raise ConfigError("pass either resume (continue an earlier run) or overwrite (start over), not both")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be in [0, 1] (a score >= it is positive), got {self.threshold}")
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
             raise ConfigError("num_cpus_per_actor and num_gpus_per_actor must be >= 0")
         return self

@@ -72,8 +72,8 @@ def run_demo(output_dir: str | Path = "demo_output", train_rows: int | None = No
     results = {}
     t = _step(f"3/5 zero-shot scoring of {pq.read_metadata(eval_file).num_rows} held-out dev reviews")
     zero = run_scoring(dataclasses.replace(score_cfg, output=str(run_dir / "zero_shot" / "scored")))
-    results["zero_shot"] = evaluate(zero["output"], str(eval_file), run_dir / "zero_shot")
-    results["zero_shot"]["rows_per_second"] = zero["rows_per_second"]
+    results["zero_shot"] = evaluate(zero.output, str(eval_file), run_dir / "zero_shot")
+    results["zero_shot"]["rows_per_second"] = zero.rows_per_second
     timings["zero_shot_s"] = time.perf_counter() - t
 
     t = _step(f"4/5 finetune (Ray Train + TRL SFTTrainer + LoRA) on {finetune_cfg.data.limit} train reviews")
@@ -84,8 +84,8 @@ def run_demo(output_dir: str | Path = "demo_output", train_rows: int | None = No
     tuned = run_scoring(dataclasses.replace(
         score_cfg, adapter=trained["adapter_dir"], model=dataclasses.replace(score_cfg.model, name_or_path=""),
         output=str(run_dir / "finetuned" / "scored")))
-    results["finetuned"] = evaluate(tuned["output"], str(eval_file), run_dir / "finetuned")
-    results["finetuned"]["rows_per_second"] = tuned["rows_per_second"]
+    results["finetuned"] = evaluate(tuned.output, str(eval_file), run_dir / "finetuned")
+    results["finetuned"]["rows_per_second"] = tuned.rows_per_second
     timings["finetuned_scoring_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 

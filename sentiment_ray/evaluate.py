@@ -1,4 +1,5 @@
-"""Evaluate a scored Parquet folder against ground-truth labels: metrics.json plus two plots."""
+"""Evaluate a scored Parquet folder against ground-truth labels: metrics.json (accuracy, F1, ROC AUC, calibration:
+ECE and Brier, the best thresholds) plus four plots: confusion matrix, score histogram, reliability diagram, ROC."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sentiment_ray.calibration import ECE_BINS, calibration_report, reliability_bins
 from sentiment_ray.config import ConfigError
 from sentiment_ray.data import InputError, column_values, one_line, read_checked, resolve_parquet_files
 from sentiment_ray.labels import CLASS_NAMES, normalize_labels
@@ -21,6 +23,8 @@ from sentiment_ray.storage import Location, location
 METRICS_FILE = "metrics.json"  # also marks a folder as an evaluation output that --overwrite may replace
 CONFUSION_PLOT = "confusion_matrix.png"
 HISTOGRAM_PLOT = "score_histogram.png"
+RELIABILITY_PLOT = "reliability.png"
+ROC_PLOT = "roc_curve.png"
 SCORED_DIR = "scored"  # where `evaluate --input` scores into, inside its output folder
 IDS_SHOWN = 5  # ids quoted in an error; the count says how many there are
 
@@ -48,6 +52,7 @@ def compute_metrics(y_true, scores, threshold: float = 0.5) -> dict:
         "n": int(y_true.size),
         "n_positive": int(y_true.sum()),
         "threshold": float(threshold),
+        **calibration_report(y_true, scores),
     }
 
 
@@ -188,7 +193,60 @@ def write_plots(y_true, scores, out_dir, threshold: float = 0.5) -> list[Path]:
     fig.tight_layout()
     histogram_path = out_dir / HISTOGRAM_PLOT
     fig.savefig(histogram_path, dpi=100)
-    return [confusion_path, histogram_path]
+    return [confusion_path, histogram_path, _reliability_plot(y_true, scores, out_dir), _roc_plot(y_true, scores, out_dir)]
+
+
+def _reliability_plot(y_true, scores, out_dir: Path) -> Path:
+    """Fraction of true positives against the mean score, per bin of the ECE; the diagonal is calibrated."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    filled = [b for b in reliability_bins(y_true, scores) if b.rows]
+    fig = Figure(figsize=(5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
+    ax.plot([b.mean_score for b in filled], [b.fraction_positive for b in filled], marker="o", color="tab:blue",
+            label="this model")
+    for b in filled:
+        ax.annotate(str(b.rows), (b.mean_score, b.fraction_positive), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7, color="gray")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"mean score in the bin ({ECE_BINS} equal-width bins; rows per bin in gray)")
+    ax.set_ylabel("fraction of true positives")
+    ax.set_title("Reliability diagram")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path = out_dir / RELIABILITY_PLOT
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _roc_plot(y_true, scores, out_dir: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn import metrics as skm
+
+    fig = Figure(figsize=(5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="chance")
+    if np.unique(y_true).size == 2:
+        fpr, tpr, _ = skm.roc_curve(y_true, scores)
+        ax.plot(fpr, tpr, color="tab:blue", label=f"ROC AUC {skm.roc_auc_score(y_true, scores):.4f}")
+    else:
+        ax.text(0.5, 0.5, "one class only: no ROC curve", ha="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC curve")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = out_dir / ROC_PLOT
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def check_evaluation(out_dir, *, overwrite: bool, threshold: float, inputs: dict[str, object]) -> Path | Location:
@@ -261,6 +319,10 @@ def format_metrics(metrics: dict) -> str:
         f"recall:    {num(metrics['recall'])}",
         f"F1:        {num(metrics['f1'])}",
         f"ROC AUC:   {num(metrics['roc_auc'])}",
+        f"ECE ({metrics['ece_bins']} bins): {num(metrics['ece'])}   Brier: {num(metrics['brier'])}",
+        "best threshold on these rows: accuracy {:.4f} at {:g}, F1 {:.4f} at {:g}".format(
+            metrics["best_threshold"]["accuracy"]["value"], metrics["best_threshold"]["accuracy"]["threshold"],
+            metrics["best_threshold"]["f1"]["value"], metrics["best_threshold"]["f1"]["threshold"]),
         "confusion matrix (rows = true, cols = predicted):",
         f"{'':>10} {'negative':>9} {'positive':>9}",
         f"{'negative':>10} {tn:>9} {fp:>9}",

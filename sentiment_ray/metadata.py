@@ -34,6 +34,7 @@ class AdapterMetadata:
     data: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    threshold: float | None = None  # score's label threshold for this adapter (None: 0.5); --threshold overrides
     package_version: str = __version__
     format_version: int = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))

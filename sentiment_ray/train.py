@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sentiment_ray.config import FinetuneConfig, build_config
 from sentiment_ray.data import InputError, fingerprint, load_labeled_hf, load_labeled_parquet
+from sentiment_ray.excerpts import replace_with_excerpts
 from sentiment_ray.labels import CLASS_NAMES
 from sentiment_ray.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
 
@@ -40,6 +41,7 @@ def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]
         order = order[: data.limit]
     texts = [texts[i] for i in order]
     labels = [labels[i] for i in order]
+    texts, excerpts = replace_with_excerpts(texts, data.excerpt_share, data.shuffle_seed)
     if not texts:
         held = f" (its {len(files)} Parquet file(s) hold 0 rows)" if files else ""
         raise InputError(f"{data.train}: no training rows{held}; finetuning needs at least one labeled review")
@@ -56,6 +58,8 @@ def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]
         "label_column": data.label_column,
         "shuffle_seed": data.shuffle_seed,
         "limit": data.limit,
+        "excerpt_share": data.excerpt_share,
+        "excerpts": excerpts,
     }
     return texts, labels, info
 

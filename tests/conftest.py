@@ -185,3 +185,26 @@ def s3_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# A row scored again (after a crash, a retried task, on another store) may share its batch with other rows than
+# the first time: Ray Data forms batches from blocks in the order they arrive, and in float32 a score moves in its
+# 7th digit with the width its batch is padded to. Everything else about the row must be identical.
+RESCORED_TOLERANCE = 1e-6
+
+
+def assert_same_rows(actual: dict, expected: dict) -> None:
+    """id -> score, or id -> (score, status, error, ...): the same ids, scores within RESCORED_TOLERANCE, the
+    rest identical."""
+    assert actual.keys() == expected.keys()
+
+    def split(value):
+        return (value, ()) if not isinstance(value, tuple) else (value[0], value[1:])
+
+    far = []
+    for key, value in expected.items():
+        (score, rest), (want, want_rest) = split(actual[key]), split(value)
+        assert rest == want_rest, f"{key}: {rest} != {want_rest}"
+        if (score is None) != (want is None) or (score is not None and abs(score - want) > RESCORED_TOLERANCE):
+            far.append((key, score, want))
+    assert not far, f"{len(far)} scores differ by more than {RESCORED_TOLERANCE}, e.g. {far[:3]}"

@@ -281,7 +281,8 @@ def test_unscored_rows_excluded_and_counted(tmp_path):
 
 def test_write_plots_are_png(tmp_path):
     paths = write_plots(Y_TRUE, SCORES, tmp_path / "plots")
-    assert [p.name for p in paths] == ["confusion_matrix.png", "score_histogram.png"]
+    assert [p.name for p in paths] == ["confusion_matrix.png", "score_histogram.png", "reliability.png",
+                                       "roc_curve.png"]
     for p in paths:
         data = p.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
@@ -296,8 +297,15 @@ def test_evaluate_writes_metrics_and_plots(example, tmp_path):
     assert metrics["n_unscored"] == 0
     assert metrics["scored_path"] == str(scored_dir) and metrics["labels_path"] == str(labels)
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    for name in ("confusion_matrix.png", "score_histogram.png"):
+    for name in ("confusion_matrix.png", "score_histogram.png", "reliability.png", "roc_curve.png"):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+    # Calibration beside the accuracy: the values of sentiment_ray/calibration.py on the same rows.
+    from sentiment_ray.calibration import brier_score, expected_calibration_error
+
+    y_true, scores = Y_TRUE, SCORES
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(y_true, scores)) and metrics["ece"] > 0
+    assert metrics["brier"] == pytest.approx(brier_score(y_true, scores))
+    assert metrics["best_threshold"]["accuracy"]["value"] >= metrics["accuracy"]
 
 
 def test_evaluate_refuses_to_overwrite(example, tmp_path):
@@ -313,7 +321,7 @@ def test_evaluate_refuses_to_overwrite(example, tmp_path):
     evaluate(scored_dir, labels, out, overwrite=True)
     assert json.loads((out / "metrics.json").read_text())["n"] == 8
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "metrics.json", "my-notes.txt",
-                                                     "score_histogram.png"]
+                                                     "reliability.png", "roc_curve.png", "score_histogram.png"]
 
 
 def test_evaluate_never_writes_into_a_folder_of_other_things(example, tmp_path):
@@ -383,4 +391,7 @@ def test_format_metrics():
     assert "ROC AUC:   0.8750" in text
     assert "F1:        0.6667" in text
     assert "unscored: 3" in text
+    assert "Brier: 0.1500" in text  # (0.01 + 0.04 + 0.36 + 0.49 + 0.09 + 0.04 + 0.01 + 0.16) / 8
+    # Thresholds 0.3, 0.4 and 0.8 all get 6 of 8 right: the one nearest 0.5 is reported; F1 is best at 0.3.
+    assert "best threshold on these rows: accuracy 0.7500 at 0.4, F1 0.8000 at 0.3" in text
     assert "n/a" in format_metrics(compute_metrics([1, 1], [0.9, 0.8]))

@@ -54,7 +54,7 @@ def test_gpu_scoring_job_matches_the_cpu_path(gpu_adapter, tmp_path):
         "pool_size=1", "num_gpus_per_actor=1", "model.backend=unsloth", "model.dtype=bfloat16",
     ])
     summary = run_scoring(cfg)
-    assert summary["rows_out"] == 300
+    assert summary.rows_out == 300
     gpu = {r["id"]: r["score"] for r in pq.read_table(out).to_pylist()}
 
     cpu_scorer = SentimentScorer.from_adapter(

@@ -54,7 +54,7 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     summary = run_scoring(_config(adapter_dir, reviews_dir / "*.parquet", out, "keep_columns=[source]"))
     table = pq.read_table(out)
     ids = table.column("id").to_pylist()
-    assert summary["rows_in"] == summary["rows_out"] == table.num_rows == 1200
+    assert summary.rows_in == summary.rows_out == table.num_rows == 1200
     assert sorted(ids) == sorted(f"r{i}" for i in range(1200))  # every id exactly once
     scores = table.column("score").to_pylist()
     assert all(0.0 <= s <= 1.0 for s in scores)
@@ -68,6 +68,15 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["rows_out"] == 1200 and manifest["status_counts"] == {"ok": 1200}
     assert manifest["rows_scored"] == 1200 and manifest["rows_marked"] == manifest["rows_skipped"] == 0
+    assert manifest["rows_scored_this_run"] == 1200 and manifest["output"] == summary.output == str(out)
+    # The file and the returned record are the same fields (the config aside: JSON has no tuples).
+    assert {k: v for k, v in manifest.items() if k != "config"} == {
+        k: v for k, v in summary.to_dict().items() if k != "config"}
+    # Both scoring actors took batches, and their busy time is a part of the time from their first to last batch.
+    stage = summary.score_stage
+    assert stage.actors == 2 and stage.batches >= 1200 // 64
+    assert 0 < stage.busy_seconds <= stage.active_seconds
+    assert stage.busy_fraction == pytest.approx(stage.busy_seconds / stage.active_seconds, abs=1e-3)
     # Written in place, one fragment per work unit's rows (or a few when a unit's rows reached the sink in
     # several writes), named so that file-name order is input order; nothing hidden is left behind.
     files = sorted(p.name for p in out.iterdir())
@@ -83,11 +92,40 @@ def test_null_and_empty_text_rows_are_kept_and_marked(adapter_dir, tmp_path):
     out = tmp_path / "scored"
     summary = run_scoring(_config(adapter_dir, path, out))
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
-    assert len(rows) == 5 and summary["status_counts"] == {"ok": 2, "empty_text": 3}
-    assert summary["rows_scored"] == 2 and summary["rows_marked"] == 3
+    assert len(rows) == 5 and summary.status_counts == {"ok": 2, "empty_text": 3}
+    assert summary.rows_scored == 2 and summary.rows_marked == 3
     for key in "bcd":
         assert rows[key]["status"] == "empty_text" and rows[key]["score"] is None and rows[key]["label"] is None
     assert rows["a"]["status"] == rows["e"]["status"] == "ok"
+
+
+def test_labels_follow_the_adapters_stored_threshold_or_the_one_given(adapter_dir, tmp_path, capsys):
+    texts, _ = synthetic_reviews(80, seed=21)
+    path = write_reviews(tmp_path / "in.parquet", texts, ids=[f"t{i}" for i in range(80)])
+    stored = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, stored)
+    metadata = json.loads((stored / "sentiment_ray.json").read_text())
+    (stored / "sentiment_ray.json").write_text(json.dumps({**metadata, "threshold": 0.999}))
+
+    summary = run_scoring(_config(stored, path, tmp_path / "stored"))
+    rows = pq.read_table(tmp_path / "stored").to_pylist()
+    assert summary.plan_settings["threshold"] == 0.999
+    assert [r["label_id"] for r in rows] == [int(r["score"] >= 0.999) for r in rows]
+    median = sorted(r["score"] for r in rows)[40]
+    assert main(["score", "--config", str(REPO_ROOT / "configs" / "score" / "tiny_test.yaml"), "--adapter", str(stored),
+                 "--input", str(path), "--output", str(tmp_path / "given"), "--threshold", repr(median),
+                 "model.dtype=float32"]) == 0
+    given = pq.read_table(tmp_path / "given").to_pylist()
+    assert [r["score"] for r in given] == [r["score"] for r in rows]  # the threshold changes labels only
+    assert [r["label_id"] for r in given] == [int(r["score"] >= median) for r in given]
+    assert [r["label"] for r in given] == [["negative", "positive"][int(r["score"] >= median)] for r in given]
+    assert sum(r["label_id"] for r in given) >= 40 > sum(r["label_id"] for r in rows)  # it really moved labels
+    manifest = json.loads((tmp_path / "given" / MANIFEST_FILE).read_text())
+    assert manifest["plan_settings"]["threshold"] == median
+    capsys.readouterr()
+    assert main(["score", "--adapter", str(stored), "--input", str(path), "--output", str(tmp_path / "x"),
+                 "--threshold", "1.5"]) == 2
+    assert "threshold must be in [0, 1]" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(adapter_dir, tmp_path):
@@ -106,12 +144,12 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(adapter_dir, tm
         run_scoring(_config(adapter_dir, path, out))
     # an earlier output of this tool (it holds the manifest) is replaced with --overwrite, nothing left behind
     write_reviews(path, ["good", "bad"], ids=["a", "b"])
-    assert run_scoring(_config(adapter_dir, path, out, "overwrite=true"))["rows_out"] == 2
+    assert run_scoring(_config(adapter_dir, path, out, "overwrite=true")).rows_out == 2
     assert pq.read_table(out).column("id").to_pylist() == ["a", "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "scored"]  # no hidden .scored.* left
     # --resume on a finished output leaves it as it is and reports it
     before = (out / MANIFEST_FILE).read_text()
-    assert run_scoring(_config(adapter_dir, path, out, "resume=true"))["rows_out"] == 2
+    assert run_scoring(_config(adapter_dir, path, out, "resume=true")).rows_out == 2
     assert (out / MANIFEST_FILE).read_text() == before
 
 

@@ -11,8 +11,11 @@ from sentiment_ray.scoring.output import (
     Fragment,
     OutputState,
     fragment_name,
+    UnitProgress,
+    fragments_by_unit,
     open_score_output,
     tile,
+    unit_progress,
 )
 from sentiment_ray.work_units import WorkUnit
 from tests.conftest import foreign_folder
@@ -110,3 +113,32 @@ def test_a_unit_is_whole_only_when_its_fragments_tile_it_exactly_once():
     retried = [Fragment(3, 100, 160), Fragment(3, 100, 120), Fragment(3, 120, 150), Fragment(3, 150, 200)]
     assert tile(unit, retried) == [Fragment(3, 100, 120), Fragment(3, 120, 150), Fragment(3, 150, 200)]
     assert tile(unit, [Fragment(3, 100, 200), Fragment(3, 100, 150)]) == [Fragment(3, 100, 200)]
+
+
+def test_a_resume_scores_only_the_gaps_between_kept_fragments():
+    unit = WorkUnit(3, "/in/c.parquet", "c.parquet", 100, 300)
+    assert unit_progress(unit, []) == UnitProgress((), ((100, 300),), ())
+    whole = [Fragment(3, 100, 200), Fragment(3, 200, 300)]
+    assert unit_progress(unit, whole) == UnitProgress(tuple(whole), (), ())
+    # Rows 100-149 and 200-249 committed before the crash: only the rest is scored again.
+    assert unit_progress(unit, [Fragment(3, 200, 250), Fragment(3, 100, 150)]) == UnitProgress(
+        (Fragment(3, 100, 150), Fragment(3, 200, 250)), ((150, 200), (250, 300)), ())
+    # Overlapping leftovers of a retried write: a chain of disjoint fragments is kept, the rest deleted, and the
+    # gaps plus the kept fragments hold every row of the unit exactly once.
+    progress = unit_progress(unit, [Fragment(3, 100, 160), Fragment(3, 100, 120), Fragment(3, 150, 200),
+                                    Fragment(3, 120, 140), Fragment(4, 100, 300)])
+    assert progress.kept == (Fragment(3, 100, 160),)
+    assert progress.gaps == ((160, 300),)
+    assert set(progress.stale) == {Fragment(3, 100, 120), Fragment(3, 150, 200), Fragment(3, 120, 140)}
+    # An exact tiling, when one exists, wins over the greedy chain (which would leave a gap).
+    exact = unit_progress(unit, [Fragment(3, 100, 160), Fragment(3, 100, 150), Fragment(3, 150, 300)])
+    assert (exact.kept, exact.gaps, exact.stale) == ((Fragment(3, 100, 150), Fragment(3, 150, 300)), (),
+                                                     (Fragment(3, 100, 160),))
+
+
+def test_fragments_are_grouped_by_the_unit_whose_rows_they_hold():
+    units = [WorkUnit(0, "/a", "a", 0, 100), WorkUnit(0, "/a", "a", 100, 200), WorkUnit(2, "/c", "c", 0, 50)]
+    fragments = [Fragment(2, 0, 50), Fragment(0, 150, 200), Fragment(0, 0, 100), Fragment(0, 100, 150),
+                 Fragment(1, 0, 10), Fragment(0, 50, 150)]  # the last spans two units: a unit of neither
+    assert fragments_by_unit(units, fragments) == [
+        [Fragment(0, 0, 100)], [Fragment(0, 100, 150), Fragment(0, 150, 200)], [Fragment(2, 0, 50)]]

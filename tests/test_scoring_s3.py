@@ -22,12 +22,12 @@ from sentiment_ray.config import ScoreConfig, load_config
 from sentiment_ray.faults import EXIT_AFTER_BATCHES, FAIL_TEXT, MARKER
 from sentiment_ray.metadata import ADAPTER_WEIGHTS, adapter_weights_sha256
 from sentiment_ray.outputs import OutputExistsError
-from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, job, run_scoring
+from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, ScoreManifest, job, run_scoring
 from sentiment_ray.scoring.output import Fragment, tile
 from sentiment_ray.scoring.plan import ScorePlan
 from sentiment_ray.storage import location, upload_folder
 from sentiment_ray.tiny_model import synthetic_reviews
-from tests.conftest import REPO_ROOT, write_reviews
+from tests.conftest import REPO_ROOT, assert_same_rows, write_reviews
 
 pytestmark = pytest.mark.timeout(600)
 ROWS_PER_FILE = 600
@@ -50,7 +50,7 @@ def _config(adapter, input_path, output, *extra) -> ScoreConfig:
         *extra])
 
 
-def _score(adapter, input_path, output, *extra, env: dict | None = None) -> dict:
+def _score(adapter, input_path, output, *extra, env: dict | None = None) -> ScoreManifest:
     """One run, with the bad row's fault hook (and `env`) set in the driver's environment, where the job reads
     the fault hooks to hand them to its actors."""
     with pytest.MonkeyPatch.context() as patch:
@@ -123,7 +123,7 @@ def reference(ray_session, random_adapter, local_reviews, tmp_path_factory) -> d
     """The uninterrupted run on local disk: id -> (score, status, error)."""
     out = tmp_path_factory.mktemp("s3-reference") / "scored"
     summary = _score(random_adapter, local_reviews, out)
-    assert (summary["rows_in"], summary["rows_out"]) == (ROWS_IN, ROWS_IN)
+    assert (summary.rows_in, summary.rows_out) == (ROWS_IN, ROWS_IN)
     rows = _rows(str(out))
     assert {k: v[1] for k, v in rows.items() if not k.startswith("r")} == BAD_ROW_STATUSES
     assert {k: rows[k][2] for k in ("s7", "s8", "b1")} == {"s7": "invalid UTF-8 byte 0xff at byte 4",
@@ -153,7 +153,7 @@ def _objects(uri: str) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def s3_scored(ray_session, bucket, s3_reviews, s3_adapter) -> tuple[str, dict]:
+def s3_scored(ray_session, bucket, s3_reviews, s3_adapter) -> tuple[str, ScoreManifest]:
     out = f"{bucket}/scored-{uuid.uuid4().hex[:8]}"
     return out, _score(s3_adapter, s3_reviews, out)
 
@@ -165,18 +165,18 @@ def test_a_run_with_input_output_and_adapter_on_s3_gives_what_a_run_on_local_dis
     from sentiment_ray.embedded_model import cache_dir
 
     out, summary = s3_scored
-    assert (summary["rows_in"], summary["rows_out"], summary["rows_scored"], summary["rows_marked"]) == (
+    assert (summary.rows_in, summary.rows_out, summary.rows_scored, summary.rows_marked) == (
         ROWS_IN, ROWS_IN, ROWS_OK, ROWS_IN - ROWS_OK)
-    assert summary["status_counts"] == {"ok": ROWS_OK, "empty_text": 4, "error": 1, "invalid_utf8": 3,
+    assert summary.status_counts == {"ok": ROWS_OK, "empty_text": 4, "error": 1, "invalid_utf8": 3,
                                         "non_string_text": 2}
-    assert summary["output"] == out and summary["units"]["total"] == UNITS
-    assert _rows(out) == reference  # every id once; scores, statuses and errors identical to the local run
+    assert summary.output == out and summary.units.total == UNITS
+    assert_same_rows(_rows(out), reference)  # every id once; statuses and errors identical to the local run
 
     names = sorted(c.name for c in location(out).children())
     parts = [n for n in names if n.startswith("part-")]
     # The finished output: its fragments, the manifest (the commit marker) and the plan that --resume reads.
     assert names == sorted([*parts, MANIFEST_FILE, PLAN_FILE])
-    assert all(Fragment.parse(n) is not None for n in parts) and len(parts) == summary["units"]["fragments"]
+    assert all(Fragment.parse(n) is not None for n in parts) and len(parts) == summary.units.fragments
     manifest = json.loads(location(out).join(MANIFEST_FILE).read_text())
     assert manifest["rows_out"] == ROWS_IN and manifest["input_files"] == [
         f"{s3_reviews}/binary.parquet", f"{s3_reviews}/numbers.parquet",
@@ -223,10 +223,10 @@ def test_b_overwrite_of_a_finished_s3_output_with_an_actor_killed_mid_run(
     summary = _score(s3_adapter, s3_reviews, out.uri, "overwrite=true",
                      env={EXIT_AFTER_BATCHES: "3", MARKER: str(marker)})  # mid-way through an actor's first unit
     assert marker.exists()  # an actor really died (os._exit), Ray restarted it and its work was retried
-    assert _rows(out.uri) == reference
+    assert_same_rows(_rows(out.uri), reference)
     manifest = json.loads(out.join(MANIFEST_FILE).read_text())
-    assert "earlier_run" not in manifest and manifest["rows_out"] == summary["rows_out"] == ROWS_IN
-    assert summary["units"]["committed_before_this_run"] == 0 and summary["units"]["scored_this_run"] == UNITS
+    assert "earlier_run" not in manifest and manifest["rows_out"] == summary.rows_out == ROWS_IN
+    assert summary.units.committed_before_this_run == 0 and summary.units.scored_this_run == UNITS
 
 
 def test_c_driver_dies_before_the_commit_then_resume_scores_only_the_missing_units(
@@ -253,11 +253,11 @@ def test_c_driver_dies_before_the_commit_then_resume_scores_only_the_missing_uni
         _score(random_adapter, s3_reviews, out)
     summary = _score(random_adapter, s3_reviews, out, "resume=true")
 
-    assert _rows(out) == reference
-    assert summary["units"]["committed_before_this_run"] == UNITS - len(lost_units)
-    assert summary["units"]["scored_this_run"] == len(lost_units)
-    assert summary["rows_in"] == summary["rows_out"] == ROWS_IN
-    assert len(_fragments(out)) == summary["units"]["fragments"]  # no stale fragment left beside the tiling
+    assert_same_rows(_rows(out), reference)
+    assert summary.units.committed_before_this_run == UNITS - len(lost_units)
+    assert summary.units.scored_this_run == len(lost_units)
+    assert summary.rows_in == summary.rows_out == ROWS_IN
+    assert len(_fragments(out)) == summary.units.fragments  # no stale fragment left beside the tiling
 
 
 def test_d_unreadable_files_on_s3_fail_the_job_or_are_skipped_and_reported(
@@ -292,9 +292,9 @@ def test_d_unreadable_files_on_s3_fail_the_job_or_are_skipped_and_reported(
     out = f"{bucket}/lenient-{uuid.uuid4().hex[:8]}"
     summary = _score(random_adapter, inputs, out, "skip_unreadable_files=true")
     assert sorted(_rows(out)) == ["a", "b"]
-    assert [f["file"] for f in summary["files_skipped"]] == [f"{inputs}/broken.parquet"]
-    assert [(u["file"], u["rows"]) for u in summary["units_skipped"]] == [(f"{inputs}/damaged.parquet", 50)]
-    assert (summary["rows_in"], summary["rows_out"], summary["rows_skipped"]) == (52, 2, 50)
+    assert [f["file"] for f in summary.files_skipped] == [f"{inputs}/broken.parquet"]
+    assert [(u["file"], u["rows"]) for u in summary.units_skipped] == [(f"{inputs}/damaged.parquet", 50)]
+    assert (summary.rows_in, summary.rows_out, summary.rows_skipped) == (52, 2, 50)
     manifest = json.loads(location(out).join(MANIFEST_FILE).read_text())
     assert manifest["files_skipped"][0]["error"].startswith(f"{inputs}/broken.parquet: not a readable Parquet file")
 

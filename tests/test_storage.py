@@ -418,12 +418,13 @@ def test_evaluate_reads_scored_output_and_labels_from_s3(tmp_path, s3_folder):
 
 
 def test_evaluate_writes_its_output_to_s3(tmp_path, s3_folder):
-    from sentiment_ray.evaluate import CONFUSION_PLOT, HISTOGRAM_PLOT, METRICS_FILE, evaluate
+    from sentiment_ray.evaluate import CONFUSION_PLOT, HISTOGRAM_PLOT, METRICS_FILE, RELIABILITY_PLOT, ROC_PLOT, evaluate
 
     scored, labels = _scored_and_labels(tmp_path, s3_folder)
     out = s3_folder.join("eval")
     metrics = evaluate(scored, labels, out.uri)
-    assert sorted(f.name for f in out.list_files()) == [CONFUSION_PLOT, METRICS_FILE, HISTOGRAM_PLOT]
+    assert sorted(f.name for f in out.list_files()) == sorted(
+        [CONFUSION_PLOT, METRICS_FILE, RELIABILITY_PLOT, ROC_PLOT, HISTOGRAM_PLOT])
     assert json.loads(out.join(METRICS_FILE).read_text()) == metrics and metrics["accuracy"] == 1.0
     assert out.join(CONFUSION_PLOT).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(OutputExistsError, match=rf"^output {out.uri} already exists; choose a new path or pass "

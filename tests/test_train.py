@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sentiment_ray.config import FinetuneConfig, ModelConfig, load_config
+from sentiment_ray.config import ConfigError, FinetuneConfig, ModelConfig, load_config
 from sentiment_ray.data import InputError
 from sentiment_ray.metadata import METADATA_FILE, read_metadata
 from sentiment_ray.outputs import OutputExistsError, OutputNotWritableError
@@ -83,6 +83,20 @@ def test_an_empty_training_set_is_refused_before_ray_starts(tiny_model_dir, tmp_
                                          "finetuning needs at least one labeled review$"):
         run_finetune(_config(tiny_model_dir, empty, tmp_path / "adapter"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.parquet"]
+
+
+def test_a_share_of_training_rows_becomes_excerpts_of_themselves(tiny_model_dir, tmp_path):
+    review = " ".join(f"word{i}" for i in range(200))
+    path = write_reviews(tmp_path / "long.parquet", [f"{review} r{i}" for i in range(400)], [i % 2 for i in range(400)])
+    whole_texts, whole_labels, whole = load_training_rows(_config(tiny_model_dir, path, tmp_path / "a"))
+    texts, labels, info = load_training_rows(_config(tiny_model_dir, path, tmp_path / "a", "data.excerpt_share=0.25"))
+    short = [i for i, t in enumerate(texts) if t != whole_texts[i]]
+    assert labels == whole_labels and len(texts) == 400  # same rows, same labels: only their text is cut
+    assert len(short) == info["excerpts"] and 70 < len(short) < 130 and info["excerpt_share"] == 0.25
+    assert all(8 <= len(texts[i].split()) <= 60 and texts[i] in whole_texts[i] for i in short)
+    assert info["fingerprint"] != whole["fingerprint"]  # the data the adapter trains on is what its metadata names
+    with pytest.raises(ConfigError, match=r"data\.excerpt_share must be in \[0, 1\], got 1\.5"):
+        _config(tiny_model_dir, path, tmp_path / "a", "data.excerpt_share=1.5")
 
 
 def test_one_class_only_is_warned_about(tiny_model_dir, tmp_path, caplog):

@@ -3,11 +3,13 @@
     plan.py    inputs checked, work units, the plan a resumed run must match
     stages.py  read (work units) -> prepare (CPU: tokenize) -> score (GPU actors)
     sink.py    fragments with deterministic names; the check that every unit is there once
-    output.py  the output folder: what may be done with it, fragments, the manifest (the commit marker)
+    output.py  the output folder: what may be done with it, fragments, what a resume has left to score
+    manifest.py  the manifest: the commit marker, and what `score` returns
     job.py     the chain, on the driver
 """
 
 from sentiment_ray.scoring.job import run_scoring
+from sentiment_ray.scoring.manifest import ScoreManifest
 from sentiment_ray.scoring.output import MANIFEST_FILE, PLAN_FILE
 
-__all__ = ["MANIFEST_FILE", "PLAN_FILE", "run_scoring"]
+__all__ = ["MANIFEST_FILE", "PLAN_FILE", "ScoreManifest", "run_scoring"]

@@ -9,7 +9,6 @@ No step of the driver reads or rewrites the scored rows. docs/RESILIENCE.md stat
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -19,11 +18,13 @@ from sentiment_ray.data import InputError
 from sentiment_ray.faults import FaultPlan
 from sentiment_ray.outputs import OutputExistsError, refuse_overlap
 from sentiment_ray.run_lock import RunLock
+from sentiment_ray.scoring.manifest import ScoreManifest, UnitCounts
 from sentiment_ray.scoring.output import (
     OutputState,
     ScoreOutput,
+    fragments_by_unit,
     open_score_output,
-    tile,
+    unit_progress,
 )
 from sentiment_ray.scoring.plan import ScoreInputs, ScorePlan, check_inputs, make_plan
 from sentiment_ray.scoring.sink import (
@@ -33,10 +34,12 @@ from sentiment_ray.scoring.sink import (
     fragment_datasink,
 )
 from sentiment_ray.scoring.stages import (
+    PendingRows,
     PrepareStage,
     ReadSpec,
     ScoreStage,
-    attempt_ledger,
+    StageActivity,
+    run_ledger,
     unit_datasource,
 )
 from sentiment_ray.storage import location
@@ -53,10 +56,11 @@ class ScoringModel:
     identity: str | None
     model: dict
     prompt: dict
+    threshold: float  # label/label_id: positive when score >= it
 
 
 def resolve_model(cfg: ScoreConfig) -> ScoringModel:
-    from sentiment_ray.metadata import adapter_identity, adapter_weights_sha256
+    from sentiment_ray.metadata import adapter_identity, adapter_weights_sha256, read_metadata
     from sentiment_ray.scorer import check_loadable
 
     adapter = location(cfg.adapter).uri if cfg.adapter else None
@@ -70,51 +74,54 @@ def resolve_model(cfg: ScoreConfig) -> ScoringModel:
             model["name_or_path"] = str(local.resolve())  # actors run in another working directory
     sha = adapter_weights_sha256(adapter) if adapter else None
     identity = adapter_identity(adapter, sha) if adapter else None
-    return ScoringModel(adapter, sha, identity, model, cfg.prompt.to_dict())
+    threshold = cfg.threshold
+    if threshold is None and adapter:
+        threshold = read_metadata(adapter).threshold
+    return ScoringModel(adapter, sha, identity, model, cfg.prompt.to_dict(), 0.5 if threshold is None else threshold)
 
 
-def run_scoring(cfg: ScoreConfig) -> dict:
+def run_scoring(cfg: ScoreConfig) -> ScoreManifest:
     """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume`); returns the manifest.
     One run at a time per local output (sentiment_ray/run_lock.py)."""
     with RunLock.for_output(cfg.output):
         return _score(cfg)
 
 
-def _score(cfg: ScoreConfig) -> dict:
+def _score(cfg: ScoreConfig) -> ScoreManifest:
     # Every check before open_score_output, which with --overwrite deletes the earlier output.
     inputs = check_inputs(cfg)
     refuse_overlap(cfg.output, [cfg.input, *inputs.paths], "score input")
     scoring_model = resolve_model(cfg)
     output = open_score_output(cfg.output, cfg.overwrite, cfg.resume)
-    plan = make_plan(cfg, inputs, scoring_model.identity, scoring_model.model)
+    plan = make_plan(cfg, inputs, scoring_model.identity, scoring_model.model, scoring_model.threshold)
     if output.state is OutputState.FINISHED:
         return _already_finished(output, plan)
     plan = _start_or_resume(output, plan)
-    fragments = output.fragments()
-    pending = [(i, u) for i, u in enumerate(plan.units)
-               if tile(u, fragments) is None and not output.skipped_path(u).exists()]
-    # Fragments of an unfinished unit are rewritten whole by this run: drop the stale ones first.
-    output.delete_fragments([f for f in fragments if any(
-        f.file_index == u.file_index and u.start <= f.start < u.stop for _, u in pending)])
+    pending = _pending_rows(output, plan)
+    units_run = len({p.unit_index for p in pending})
     logger.info("%d rows in %d file(s), %d work units (%d already committed) -> %s", inputs.rows_in,
-                len(inputs.files), len(plan.units), len(plan.units) - len(pending), output.folder)
+                len(inputs.files), len(plan.units), len(plan.units) - units_run, output.folder)
     started = time.perf_counter()
     written: dict[str, dict] = {}
+    activity = None
     if pending:
-        written = _run_pipeline(cfg, inputs, plan, pending, scoring_model, output)
+        written, activity = _run_pipeline(cfg, inputs, plan, pending, scoring_model, output)
     seconds = time.perf_counter() - started
     committed = check_committed(output, plan.units, written)
-    rows_scored_now = sum(u.rows for _, u in pending) - sum(
-        u.rows for _, u in pending if output.skipped_path(u).exists())
-    manifest = _manifest(cfg, inputs, plan, committed, len(pending), rows_scored_now, seconds)
-    output.manifest_file.write_bytes((json.dumps(manifest, indent=2, default=str) + "\n").encode())
+    skipped_now = {(r["file_index"], r["start"]) for r in output.skipped_records()}
+    rows_scored_now = sum(p.rows.rows for p in pending if (p.unit.file_index, p.unit.start) not in skipped_now)
+    manifest = _manifest(cfg, inputs, plan, committed, units_run, rows_scored_now, seconds, output, activity)
+    output.manifest_file.write_bytes(manifest.to_json().encode())
     skipped = (f"; SKIPPED {committed.rows_skipped} rows in {len(committed.units_skipped)} unit(s) and "
                f"{len(inputs.unreadable)} unreadable file(s)") if committed.rows_skipped or inputs.unreadable else ""
     logger.info("%d rows into %s (%d scored, %d marked%s); statuses %s; this run: %d units in %.1f s (%s rows/s, "
-                "start-up included)", committed.rows_out, output.folder, manifest["rows_scored"],
-                manifest["rows_marked"], skipped, dict(committed.status_counts), len(pending), seconds,
-                manifest["rows_per_second"])
-    return {**manifest, "output": output.folder.uri}
+                "start-up included)", committed.rows_out, output.folder, manifest.rows_scored,
+                manifest.rows_marked, skipped, dict(committed.status_counts), units_run, seconds,
+                manifest.rows_per_second)
+    if activity and activity.busy_fraction is not None:
+        logger.info("score stage: %d actor(s), %d batches, busy %.0f%% of the time from their first batch to their "
+                    "last", activity.actors, activity.batches, 100 * activity.busy_fraction)
+    return manifest
 
 
 def _start_or_resume(output: ScoreOutput, plan: ScorePlan) -> ScorePlan:
@@ -130,10 +137,10 @@ def _start_or_resume(output: ScoreOutput, plan: ScorePlan) -> ScorePlan:
     return plan
 
 
-def _already_finished(output: ScoreOutput, plan: ScorePlan) -> dict:
+def _already_finished(output: ScoreOutput, plan: ScorePlan) -> ScoreManifest:
     """`--resume` on a finished output: nothing to score, if it was scored from these inputs and settings."""
-    manifest = json.loads(output.manifest_file.read_text())
-    recorded = manifest.get("plan_settings")
+    manifest = ScoreManifest.from_json(output.manifest_file.read_text(), output.folder.uri)
+    recorded = manifest.plan_settings
     if recorded is None:
         raise OutputExistsError(f"output {output.folder} is complete, but its manifest predates the record of its "
                                 "inputs, so --resume cannot check that it matches them; pass --overwrite to score again")
@@ -142,19 +149,38 @@ def _already_finished(output: ScoreOutput, plan: ScorePlan) -> dict:
         raise OutputExistsError(f"output {output.folder} is complete, but it was scored from other "
                                 f"{', '.join(changed)} than this run's; pass --overwrite to score again, or choose "
                                 "a new output")
-    logger.info("%s is already complete (%d rows); nothing to resume", output.folder, manifest["rows_out"])
-    return {**manifest, "output": output.folder.uri}
+    logger.info("%s is already complete (%d rows); nothing to resume", output.folder, manifest.rows_out)
+    return manifest
+
+
+def _pending_rows(output: ScoreOutput, plan: ScorePlan) -> list[PendingRows]:
+    """The row ranges this run scores: every unit of a fresh run; on a resume, only the rows of each unit that no
+    committed fragment holds (fragments overlapping the kept ones are deleted first, as leftovers)."""
+    skipped = {(r["file_index"], r["start"]) for r in output.skipped_records()}
+    pending: list[PendingRows] = []
+    stale: list = []
+    for index, (unit, own) in enumerate(zip(plan.units, fragments_by_unit(plan.units, output.fragments()))):
+        if (unit.file_index, unit.start) in skipped:
+            continue
+        progress = unit_progress(unit, own)
+        if progress.complete:
+            continue  # its leftovers, if any, go in the commit's check
+        stale += progress.stale
+        pending += [PendingRows(index, unit, dataclasses.replace(unit, start=start, stop=stop))
+                    for start, stop in progress.gaps]
+    output.delete_fragments(stale)
+    return pending
 
 
 def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pending, scoring_model: ScoringModel,
-                  output: ScoreOutput) -> dict[str, dict]:
+                  output: ScoreOutput) -> tuple[dict[str, dict], StageActivity]:
     import ray
 
     from sentiment_ray.ray_cluster import ensure_ray
 
     ensure_ray(cfg.ray)
     run_id = uuid.uuid4().hex
-    ledger = attempt_ledger(run_id)  # noqa: F841 - held by the driver: it lives as long as this run
+    ledger = run_ledger(run_id)  # held by the driver: it lives as long as this run
     spec = ReadSpec(inputs.id_column, cfg.text_column, tuple(cfg.keep_columns), inputs.derived_ids,
                     cfg.skip_unreadable_files, inputs.schema, output.folder.uri)
     model_args = {"adapter": scoring_model.adapter, "weights_sha256": scoring_model.weights_sha256,
@@ -172,19 +198,25 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
         ScoreStage, fn_constructor_kwargs={
             **model_args, "max_batch_tokens": cfg.max_batch_tokens,
             "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor)), "run_id": run_id,
+            "threshold": scoring_model.threshold,
             "files": inputs.paths, "unit_files": [u.file_index for u in plan.units], "faults": faults.to_dict()},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, resources=cfg.actor_resources or None,
         compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=cfg.batches_in_flight))
-    sink = fragment_datasink(output.folder.uri, inputs.schema, dict(pending), plan.rows_per_unit)
+    sink = fragment_datasink(output.folder.uri, inputs.schema, {p.unit_index: p.unit for p in pending},
+                             plan.rows_per_unit)
     try:
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": cfg.io_cpus})
+        # Writes reserve no CPU. Ray Data reserves CPUs for operators upstream first, so on a node whose CPUs the
+        # actor pools hold, a write task that asked for a share waited until every read was done (seen on 3
+        # logical CPUs): rows piled up in the object store and nothing was committed until the end.
+        dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except Exception as exc:
         user_error = _input_error_inside(exc)
         if user_error is not None:
             raise user_error from None
         raise
-    return {w["fragment"]: w for w in sink.written}
+    activity = ray.get(ledger.activity.remote())
+    return {w["fragment"]: w for w in sink.written}, activity
 
 
 def _prepare_pool(cfg: ScoreConfig, scoring_actors: int) -> tuple[int, float]:
@@ -232,28 +264,30 @@ def _input_error_inside(exc: BaseException) -> InputError | None:
 
 
 def _manifest(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, committed: CommittedOutput, units_run: int,
-              rows_scored_now: int, seconds: float) -> dict:
+              rows_scored_now: int, seconds: float, output: ScoreOutput,
+              activity: StageActivity | None) -> ScoreManifest:
     statuses = dict(committed.status_counts)
-    return {
-        "rows_in": inputs.rows_in,
-        "rows_out": committed.rows_out,
-        "rows_scored": statuses.get(OK_STATUS, 0),
-        "rows_marked": committed.rows_out - statuses.get(OK_STATUS, 0),
-        "rows_skipped": committed.rows_skipped,
-        "rows_truncated": committed.truncated,
-        "status_counts": statuses,
-        "files_skipped": inputs.unreadable,
-        "units_skipped": committed.units_skipped,
-        "units": {"total": len(plan.units), "committed_before_this_run": len(plan.units) - units_run,
-                  "scored_this_run": units_run, "rows_per_unit": plan.rows_per_unit,
-                  "fragments": committed.fragments},
-        "ids": (f"derived: '<file key>:<row index>' in column {inputs.id_column!r}" if inputs.derived_ids
-                else f"input column {inputs.id_column!r}"),
-        "adapter": committed.adapter,
-        "input_files": inputs.paths,
-        "seconds": round(seconds, 2),
-        # This run's work only: rows scored now over this run's wall time (start-up included).
-        "rows_per_second": round(rows_scored_now / seconds, 2) if seconds and rows_scored_now else None,
-        "config": to_dict(cfg),
-        "plan_settings": plan.settings,  # what a later --resume on this finished output checks its inputs against
-    }
+    return ScoreManifest(
+        output=output.folder.uri,
+        rows_in=inputs.rows_in,
+        rows_out=committed.rows_out,
+        rows_scored=statuses.get(OK_STATUS, 0),
+        rows_marked=committed.rows_out - statuses.get(OK_STATUS, 0),
+        rows_skipped=committed.rows_skipped,
+        rows_truncated=committed.truncated,
+        status_counts=statuses,
+        files_skipped=inputs.unreadable,
+        units_skipped=committed.units_skipped,
+        units=UnitCounts(total=len(plan.units), committed_before_this_run=len(plan.units) - units_run,
+                         scored_this_run=units_run, rows_per_unit=plan.rows_per_unit, fragments=committed.fragments),
+        ids=(f"derived: '<file key>:<row index>' in column {inputs.id_column!r}" if inputs.derived_ids
+             else f"input column {inputs.id_column!r}"),
+        adapter=committed.adapter,
+        input_files=inputs.paths,
+        seconds=round(seconds, 2),
+        rows_scored_this_run=rows_scored_now,
+        rows_per_second=round(rows_scored_now / seconds, 2) if seconds and rows_scored_now else None,
+        score_stage=activity,
+        config=to_dict(cfg),
+        plan_settings=plan.settings,
+    )

@@ -148,7 +148,8 @@ class ScorePlan:
         return [key for key, value in self.settings.items() if other.settings.get(key) != value]
 
 
-def make_plan(cfg: ScoreConfig, inputs: ScoreInputs, adapter_identity: str | None, model: dict) -> ScorePlan:
+def make_plan(cfg: ScoreConfig, inputs: ScoreInputs, adapter_identity: str | None, model: dict,
+              threshold: float = 0.5) -> ScorePlan:
     """What this run will do: the settings a resumed run must share, and the work units."""
     settings = {
         "inputs": [asdict(f) for f in inputs.files],
@@ -158,6 +159,7 @@ def make_plan(cfg: ScoreConfig, inputs: ScoreInputs, adapter_identity: str | Non
         "adapter": adapter_identity,
         "model": model,
         "prompt": None if adapter_identity else cfg.prompt.to_dict(),
+        "threshold": threshold,
     }
     unit_size = rows_per_unit(cfg, inputs.rows_in)
     units = plan_units(inputs.paths, unit_size)

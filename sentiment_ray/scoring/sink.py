@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sentiment_ray.scoring.output import Fragment, ScoreOutput, tile
+from sentiment_ray.scoring.output import Fragment, ScoreOutput, fragments_by_unit, tile
 from sentiment_ray.scoring.stages import ROW_COLUMN, UNIT_COLUMN
 from sentiment_ray.work_units import WorkUnit
 
@@ -108,13 +108,13 @@ def check_committed(output: ScoreOutput, units: list[WorkUnit], known: dict[str,
     skipped = {(r["file_index"], r["start"]): r for r in output.skipped_records()}
     chosen: list[Fragment] = []
     committed = CommittedOutput()
-    for unit in units:
+    for unit, own in zip(units, fragments_by_unit(units, fragments)):
         record = skipped.get((unit.file_index, unit.start))
         if record is not None:
             committed.units_skipped.append(record)
             committed.rows_skipped += unit.rows
             continue
-        tiling = tile(unit, fragments)
+        tiling = tile(unit, own)
         if tiling is None:
             raise IncompleteOutput(f"{unit.describe()} has no complete result in {output.folder}; rerun with --resume")
         chosen += tiling

@@ -69,47 +69,58 @@ def _text_as_bytes(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     return column.cast(binary).cast(pa.large_binary()), pa.array(np.zeros(len(column), dtype=bool))
 
 
-def read_unit_blocks(unit_index: int, unit: WorkUnit, spec: ReadSpec, rows_per_block: int):
-    """The rows of one work unit as blocks of at most `rows_per_block` rows."""
+@dataclass(frozen=True)
+class PendingRows:
+    """Rows a run still has to score: a whole work unit, or (on a resume) a gap between its committed fragments."""
+
+    unit_index: int
+    unit: WorkUnit  # the plan's unit: what a skip record names
+    rows: WorkUnit  # the row range to read: the unit itself or part of it
+
+
+def read_unit_blocks(pending: PendingRows, spec: ReadSpec, rows_per_block: int):
+    """The pending rows of one work unit as blocks of at most `rows_per_block` rows."""
     from sentiment_ray.storage import location
 
+    piece = pending.rows
     try:
-        table = read_unit(unit, [spec.id_column, spec.text_column, *spec.keep_columns])
+        table = read_unit(piece, [spec.id_column, spec.text_column, *spec.keep_columns])
     except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file and rows
-        message = f"{unit.describe()}: unreadable ({type(exc).__name__}: {one_line(exc)})"
+        message = f"{piece.describe()}: unreadable ({type(exc).__name__}: {one_line(exc)})"
         if not spec.skip_unreadable_files:
             raise InputError(f"{message}; pass --skip-unreadable-files to skip and report it instead") from None
         from sentiment_ray.scoring.output import SKIPPED_PREFIX
 
+        unit = pending.unit  # the whole unit is reported skipped, whatever part of it this run had left
         record = {**asdict(unit), "rows": unit.rows, "error": message}
         location(spec.output).join(f"{SKIPPED_PREFIX}{unit.name}.json").write_bytes(json.dumps(record).encode())
         logger.warning("skipped %s", message)
         return
-    ids = derived_ids(unit) if spec.derived_ids else table.column(spec.id_column)
+    ids = derived_ids(piece) if spec.derived_ids else table.column(spec.id_column)
     columns = {spec.id_column: ids, **{name: table.column(name) for name in spec.keep_columns}}
     kept = pa.table({name: values.cast(spec.schema.field(name).type) for name, values in columns.items()})
     text, not_text = _text_as_bytes(table.column(spec.text_column))
     block = kept.append_column(TEXT_BYTES_COLUMN, text).append_column(NOT_TEXT_COLUMN, not_text)
-    block = block.append_column(UNIT_COLUMN, pa.array(np.full(unit.rows, unit_index, dtype=np.int32)))
-    block = block.append_column(ROW_COLUMN, pa.array(np.arange(unit.start, unit.stop, dtype=np.int64)))
+    block = block.append_column(UNIT_COLUMN, pa.array(np.full(piece.rows, pending.unit_index, dtype=np.int32)))
+    block = block.append_column(ROW_COLUMN, pa.array(np.arange(piece.start, piece.stop, dtype=np.int64)))
     for start in range(0, block.num_rows, rows_per_block):
         yield block.slice(start, rows_per_block)
 
 
-def unit_datasource(units: list[tuple[int, WorkUnit]], spec: ReadSpec, rows_per_block: int):
-    """A Ray Data Datasource with one read task per pending work unit, on any pyarrow filesystem."""
+def unit_datasource(pending: list[PendingRows], spec: ReadSpec, rows_per_block: int):
+    """A Ray Data Datasource with one read task per pending row range, on any pyarrow filesystem."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
     class WorkUnitDatasource(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return sum(unit.rows for _, unit in units) * 2048
+            return sum(p.rows.rows for p in pending) * 2048
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return [ReadTask(partial(read_unit_blocks, index, unit, spec, rows_per_block),
-                             BlockMetadata(num_rows=unit.rows, size_bytes=unit.rows * 2048, exec_stats=None,
-                                           input_files=[unit.file]))
-                    for index, unit in units]
+            return [ReadTask(partial(read_unit_blocks, p, spec, rows_per_block),
+                             BlockMetadata(num_rows=p.rows.rows, size_bytes=p.rows.rows * 2048, exec_stats=None,
+                                           input_files=[p.rows.file]))
+                    for p in pending]
 
         def get_name(self) -> str:
             return "WorkUnits"
@@ -152,31 +163,55 @@ class PrepareStage:
 # ------------------------------------------------------------------------------------------------ score
 
 
-class AttemptLedger:
-    """A small actor that counts, for this driver run, how often scoring a batch was started and not finished:
-    within one run a batch is started again only after the actor scoring it died. It dies with the driver, so
-    a killed driver's attempts never count against a batch."""
+@dataclass(frozen=True)
+class StageActivity:
+    """How busy the score stage's actors were: time inside their batches over the time from each actor's first
+    batch to its last (start-up and the tail excluded). Near 1: the stages before it kept it fed."""
+
+    actors: int
+    batches: int
+    busy_seconds: float
+    active_seconds: float
+    busy_fraction: float | None
+
+
+class RunLedger:
+    """A small actor of one driver run. It counts how often scoring a batch was started and not finished: within
+    one run a batch is started again only after the actor scoring it died; it dies with the driver, so a killed
+    driver's attempts never count against a batch. And it adds up the score stage's busy time (StageActivity)."""
 
     def __init__(self):
         self.open: dict[tuple[int, int], int] = {}
+        self.actors: dict[str, list[float]] = {}  # actor -> [first batch start, last batch end, busy seconds]
+        self.batches = 0
 
     def begin(self, key: tuple[int, int]) -> int:
         self.open[key] = self.open.get(key, 0) + 1
         return self.open[key]
 
-    def end(self, key: tuple[int, int]) -> None:
+    def end(self, key: tuple[int, int], actor: str | None = None, started: float = 0.0, ended: float = 0.0) -> None:
         self.open.pop(key, None)
+        if actor is not None:  # times from the actor's own clock: only differences within one actor are used
+            span = self.actors.setdefault(actor, [started, ended, 0.0])
+            span[0], span[1], span[2] = min(span[0], started), max(span[1], ended), span[2] + ended - started
+            self.batches += 1
+
+    def activity(self) -> StageActivity:
+        busy = sum(s[2] for s in self.actors.values())
+        active = sum(s[1] - s[0] for s in self.actors.values())
+        return StageActivity(len(self.actors), self.batches, round(busy, 3), round(active, 3),
+                             round(busy / active, 4) if active else None)
 
 
-def attempt_ledger(run_id: str):
+def run_ledger(run_id: str):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: a 0-CPU actor may otherwise be placed on any node, and the loss of a worker node (the
     # very failure the ledger is there for) would take it along and fail every scoring actor that asks it.
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(AttemptLedger).options(
-        name=f"sentiment-ray-attempts-{run_id}", get_if_exists=True, lifetime=None,
+    return ray.remote(num_cpus=0)(RunLedger).options(
+        name=f"sentiment-ray-ledger-{run_id}", get_if_exists=True, lifetime=None,
         scheduling_strategy=driver_node).remote()
 
 
@@ -195,7 +230,7 @@ class ScoreStage:
 
     def __init__(self, adapter: str | None, weights_sha256: str | None, model: dict, prompt: dict,
                  max_batch_tokens: int | None, torch_threads: int | None, run_id: str, files: list[str],
-                 unit_files: list[int], faults: dict | None = None):
+                 unit_files: list[int], faults: dict | None = None, threshold: float = 0.5):
         import ray
         import torch
 
@@ -207,9 +242,11 @@ class ScoreStage:
             torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the reserved CPUs; say it explicitly
         self.scorer = SentimentScorer.load(adapter, ScoringModelConfig(**model), PromptSpec.from_dict(prompt),
                                            max_batch_tokens, weights_sha256=weights_sha256)
-        self.ledger = ray.get_actor(f"sentiment-ray-attempts-{run_id}")
+        self.ledger = ray.get_actor(f"sentiment-ray-ledger-{run_id}")
+        self.actor_name = f"{ray.get_runtime_context().get_node_id()[:12]}-{os.getpid()}"
         self.files, self.unit_files = files, unit_files  # to name the rows of a batch that keeps killing its actor
         self.faults = FaultPlan(**(faults or {}))
+        self.threshold = threshold
         self.batches_done = self.rows_done = 0
         self.started = self.last_report = time.perf_counter()
 
@@ -218,6 +255,7 @@ class ScoreStage:
 
         from sentiment_ray.scorer import score_with_retry
 
+        started = time.perf_counter()
         key = (int(batch.column(UNIT_COLUMN)[0].as_py()), int(batch.column(ROW_COLUMN)[0].as_py()))
         attempts = ray.get(self.ledger.begin.remote(key))
         if attempts > BATCH_ATTEMPTS:
@@ -233,7 +271,7 @@ class ScoreStage:
         errors = batch.column("error").to_pylist()
         for i, score, status, error in zip(pending, result.scores, result.statuses, result.errors):
             scores[i], statuses[i], errors[i] = score, status, error
-        label_ids = [None if s is None else int(s >= 0.5) for s in scores]
+        label_ids = [None if s is None else int(s >= self.threshold) for s in scores]
         from sentiment_ray.labels import CLASS_NAMES
 
         out = batch.drop_columns([c for c in (TOKENS_COLUMN, FAULT_COLUMN, "status", "error") if c in batch.column_names])
@@ -243,7 +281,7 @@ class ScoreStage:
         out = out.append_column("status", pa.array(statuses, pa.string()))
         out = out.append_column("adapter", pa.array([self.scorer.identity] * batch.num_rows, pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
-        self.ledger.end.remote(key)
+        self.ledger.end.remote(key, self.actor_name, started, time.perf_counter())
         self.batches_done += 1
         self._report_progress(batch.num_rows)
         self.faults.maybe_exit(self.batches_done)

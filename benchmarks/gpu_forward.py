@@ -1,0 +1,140 @@
+"""The scoring forward alone on one GPU: the masked forward of before, the unmasked one, and compiled variants.
+
+    python benchmarks/gpu_forward.py --model smollm2 --arch .bench/smollm2-arch --data .data/imdb/dev.parquet \
+        --work /tmp/bench --out $OUT
+    python benchmarks/gpu_forward.py --model mistral7b --data .data/imdb/dev.parquet --work /tmp/bench --out $OUT \
+        --rows 1280 --batch-size 256 --max-batch-tokens 32768
+
+A bare loop over token ids prepared once on the CPU (the product's TextPreparer), so only the GPU stage's own
+work is timed: `SentimentScorer.score_token_ids` on Ray Data-sized batches, models with random weights as in
+gpu_streaming.py (adapter merged, bf16). Variants, all in one process, each timed twice after a warm-up (median):
+  masked      the forward before this change: attention mask passed, one host sync per forward group
+  unmasked    the product's forward: no mask (right padding under causal attention needs none), one sync a batch
+  compiled    unmasked, decoder under torch.compile(dynamic=True): compile time reported separately
+The largest score difference from `masked` is reported for each (the scores must agree within 1e-3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def masked_scores(scorer, prompts: list[list[int]]) -> list[float]:
+    """The forward as it was: attention mask, a copy to the host after every forward group."""
+    import torch
+
+    scores = [0.0] * len(prompts)
+    for group in scorer.forward_groups([len(p) for p in prompts]):
+        rows = [prompts[j] for j in group]
+        lengths = np.array([len(p) for p in rows])
+        width = int(lengths.max())
+        real = np.arange(width)[None, :] < lengths[:, None]
+        padded = np.full((len(rows), width), scorer.pad_id, dtype=np.int64)
+        padded[real] = np.concatenate([np.asarray(p, dtype=np.int64) for p in rows])
+        with torch.inference_mode():
+            hidden = scorer._decoder(input_ids=torch.from_numpy(padded).to(scorer.device),
+                                     attention_mask=torch.from_numpy(real.astype(np.int64)).to(scorer.device),
+                                     use_cache=False).last_hidden_state
+            last = hidden[torch.arange(len(rows), device=scorer.device), torch.from_numpy(lengths).to(scorer.device) - 1]
+            logits = (last.to(scorer._label_weight.dtype) @ scorer._label_weight.t()).float()
+            positive = torch.softmax(logits, -1)[:, 1].cpu().numpy()
+        for j, p in zip(group, positive):
+            scores[j] = float(p)
+    return scores
+
+
+def time_variant(score, batches: list[list[list[int]]]) -> tuple[float, list[float]]:
+    import torch
+
+    score(batches[0])  # warm-up (and, compiled, the first compile)
+    torch.cuda.synchronize()
+    runs, scores = [], []
+    for _ in range(2):
+        started = time.perf_counter()
+        scores = [s for batch in batches for s in score(batch)]
+        torch.cuda.synchronize()
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs), scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("smollm2", "mistral7b"), required=True)
+    parser.add_argument("--arch")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--work", default="/tmp/bench")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--max-batch-tokens", type=int, default=131072)
+    parser.add_argument("--variants", default="masked,unmasked,compiled")
+    args = parser.parse_args()
+    import torch
+
+    from benchmarks.gpu_common import build_random_mistral_7b, gpu_name
+    from benchmarks.gpu_streaming import build_random_smollm2, make_adapter
+    from sentiment_ray.config import ScoringModelConfig
+    from sentiment_ray.scorer import SentimentScorer
+
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    texts = pq.read_table(args.data, columns=["text"]).column("text").to_pylist()
+    if args.model == "smollm2":
+        model_dir = build_random_smollm2(Path(args.arch), work / "smollm2-random")
+    else:
+        model_dir = build_random_mistral_7b(work / "mistral7b-random", texts)
+    adapter = make_adapter(model_dir, work / f"adapter-{args.model}", args.model)
+    started = time.perf_counter()
+    scorer = SentimentScorer.from_adapter(adapter, ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=True),
+                                          args.max_batch_tokens)
+    load_s = time.perf_counter() - started
+    prepared = scorer.preparer.prepare((texts * (-(-args.rows // len(texts))))[:args.rows])
+    prompts = [p for p in prepared.input_ids if p is not None]
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    tokens = sum(len(p) for p in prompts)
+    report = {"gpu": gpu_name(), "model": args.model, "rows": len(prompts), "tokens": tokens, "load_s": load_s,
+              "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens, "variants": {}}
+    reference = None
+    eager_decoder = scorer._decoder
+    for variant in args.variants.split(","):
+        scorer._decoder = eager_decoder
+        compile_s = None
+        if variant == "masked":
+            score = lambda batch: masked_scores(scorer, batch)  # noqa: E731
+        else:
+            score = scorer.score_token_ids
+            if variant == "compiled":
+                scorer._decoder = torch.compile(eager_decoder, dynamic=True)
+                started = time.perf_counter()
+                score(batches[0])
+                score(batches[1])
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - started
+        seconds, scores = time_variant(score, batches)
+        reference = reference or scores
+        row = {"seconds": seconds, "reviews_per_s": len(prompts) / seconds, "compile_s": compile_s,
+               "max_abs_diff_vs_first": float(np.max(np.abs(np.array(scores) - np.array(reference))))}
+        report["variants"][variant] = row
+        (out / f"gpu_forward_{args.model}.json").write_text(json.dumps(report, indent=2))
+        print(f"[bench] {variant}: {row}", flush=True)
+    print(f"\n{report['gpu']}, {args.model}, {len(prompts)} reviews, {tokens / len(prompts):.0f} tokens/review, "
+          f"batch {args.batch_size}, forwards <= {args.max_batch_tokens} tokens")
+    print(f"{'variant':12}{'seconds':>9}{'reviews/s':>11}{'compile s':>11}{'max |diff|':>12}")
+    for name, row in report["variants"].items():
+        compile_s = f"{row['compile_s']:.1f}" if row["compile_s"] is not None else "-"
+        print(f"{name:12}{row['seconds']:9.2f}{row['reviews_per_s']:11.1f}{compile_s:>11}{row['max_abs_diff_vs_first']:12.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,9 +44,12 @@ def reliability_bins(y_true, scores, bins: int = ECE_BINS) -> list[ReliabilityBi
 
 
 def expected_calibration_error(y_true, scores, bins: int = ECE_BINS) -> float:
-    total = len(scores)
-    return float(sum(b.rows / total * abs(b.fraction_positive - b.mean_score)
-                     for b in reliability_bins(y_true, scores, bins) if b.rows))
+    return _ece(reliability_bins(y_true, scores, bins))
+
+
+def _ece(bins: list[ReliabilityBin]) -> float:
+    total = sum(b.rows for b in bins)
+    return float(sum(b.rows / total * abs(b.fraction_positive - b.mean_score) for b in bins if b.rows))
 
 
 def brier_score(y_true, scores) -> float:
@@ -92,10 +95,11 @@ def best_thresholds(y_true, scores) -> dict[str, BestThreshold]:
 
 def calibration_report(y_true, scores) -> dict:
     """What `evaluate` adds to metrics.json."""
+    bins = reliability_bins(y_true, scores)
     return {
-        "ece": expected_calibration_error(y_true, scores),
+        "ece": _ece(bins),
         "ece_bins": ECE_BINS,
         "brier": brier_score(y_true, scores),
-        "reliability": [asdict(b) for b in reliability_bins(y_true, scores)],
+        "reliability": [asdict(b) for b in bins],
         "best_threshold": {name: asdict(b) for name, b in best_thresholds(y_true, scores).items()},
     }

@@ -149,21 +149,34 @@ def join_with_labels(scored: pa.Table, labels_path, id_column: str = "id", label
     return ids, y_true, scores, n_unscored
 
 
-def write_plots(y_true, scores, out_dir, threshold: float = 0.5) -> list[Path]:
-    """confusion_matrix.png (annotated counts) and score_histogram.png (scores split by true label)."""
-    # Figure + Agg canvas directly: no pyplot global state, no interactive backend needed.
+def _axes(figsize: tuple[float, float]):
+    """A figure on an Agg canvas directly, and its axes: no pyplot global state, no interactive backend needed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_plots(y_true, scores, out_dir, threshold: float = 0.5) -> list[Path]:
+    """confusion_matrix.png (annotated counts), score_histogram.png (scores split by true label), reliability.png
+    and roc_curve.png."""
+    from sklearn import metrics as skm
 
     y_true = np.asarray(y_true, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    matrix = np.array(compute_metrics(y_true, scores, threshold)["confusion_matrix"]["matrix"])
+    matrix = skm.confusion_matrix(y_true, (scores >= threshold).astype(np.int64), labels=[0, 1])
 
-    fig = Figure(figsize=(4.5, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes((4.5, 4))
     ax.imshow(matrix, cmap="Blues", vmin=0)
     for (row, col), count in np.ndenumerate(matrix):
         dark = count > matrix.max() / 2
@@ -173,13 +186,9 @@ def write_plots(y_true, scores, out_dir, threshold: float = 0.5) -> list[Path]:
     ax.set_xlabel(f"predicted (score >= {threshold:g})")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix")
-    fig.tight_layout()
-    confusion_path = out_dir / CONFUSION_PLOT
-    fig.savefig(confusion_path, dpi=100)
+    confusion_path = _save(fig, out_dir / CONFUSION_PLOT)
 
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes((6, 4))
     bins = np.linspace(0.0, 1.0, 21)
     for cls, color in ((0, "tab:red"), (1, "tab:blue")):
         part = scores[y_true == cls]
@@ -190,21 +199,14 @@ def write_plots(y_true, scores, out_dir, threshold: float = 0.5) -> list[Path]:
     ax.set_ylabel("rows")
     ax.set_title("Score distribution by true label")
     ax.legend()
-    fig.tight_layout()
-    histogram_path = out_dir / HISTOGRAM_PLOT
-    fig.savefig(histogram_path, dpi=100)
+    histogram_path = _save(fig, out_dir / HISTOGRAM_PLOT)
     return [confusion_path, histogram_path, _reliability_plot(y_true, scores, out_dir), _roc_plot(y_true, scores, out_dir)]
 
 
 def _reliability_plot(y_true, scores, out_dir: Path) -> Path:
     """Fraction of true positives against the mean score, per bin of the ECE; the diagonal is calibrated."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     filled = [b for b in reliability_bins(y_true, scores) if b.rows]
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes((5, 5))
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
     ax.plot([b.mean_score for b in filled], [b.fraction_positive for b in filled], marker="o", color="tab:blue",
             label="this model")
@@ -217,20 +219,13 @@ def _reliability_plot(y_true, scores, out_dir: Path) -> Path:
     ax.set_ylabel("fraction of true positives")
     ax.set_title("Reliability diagram")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    path = out_dir / RELIABILITY_PLOT
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, out_dir / RELIABILITY_PLOT)
 
 
 def _roc_plot(y_true, scores, out_dir: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from sklearn import metrics as skm
 
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes((5, 5))
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="chance")
     if np.unique(y_true).size == 2:
         fpr, tpr, _ = skm.roc_curve(y_true, scores)
@@ -243,10 +238,7 @@ def _roc_plot(y_true, scores, out_dir: Path) -> Path:
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC curve")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = out_dir / ROC_PLOT
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, out_dir / ROC_PLOT)
 
 
 def check_evaluation(out_dir, *, overwrite: bool, threshold: float, inputs: dict[str, object]) -> Path | Location:

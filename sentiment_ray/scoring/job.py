@@ -108,7 +108,7 @@ def _score(cfg: ScoreConfig) -> ScoreManifest:
         written, activity = _run_pipeline(cfg, inputs, plan, pending, scoring_model, output)
     seconds = time.perf_counter() - started
     committed = check_committed(output, plan.units, written)
-    skipped_now = {(r["file_index"], r["start"]) for r in output.skipped_records()}
+    skipped_now = {(r["file_index"], r["start"]) for r in committed.units_skipped}  # the commit read the records
     rows_scored_now = sum(p.rows.rows for p in pending if (p.unit.file_index, p.unit.start) not in skipped_now)
     manifest = _manifest(cfg, inputs, plan, committed, units_run, rows_scored_now, seconds, output, activity)
     output.manifest_file.write_bytes(manifest.to_json().encode())

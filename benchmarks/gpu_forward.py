@@ -1,4 +1,4 @@
-"""The scoring forward alone on one GPU: the masked forward of before, the unmasked one, and compiled variants.
+"""The scoring forward alone on one GPU: eager, static shapes, CUDA graphs, compiled.
 
     python benchmarks/gpu_forward.py --model smollm2 --arch .bench/smollm2-arch --data .data/imdb/dev.parquet \
         --work /tmp/bench --out $OUT
@@ -7,11 +7,18 @@
 
 A bare loop over token ids prepared once on the CPU (the product's TextPreparer), so only the GPU stage's own
 work is timed: `SentimentScorer.score_token_ids` on Ray Data-sized batches, models with random weights as in
-gpu_streaming.py (adapter merged, bf16). Variants, all in one process, each timed twice after a warm-up (median):
-  masked      the forward before this change: attention mask passed, one host sync per forward group
-  unmasked    the product's forward: no mask (right padding under causal attention needs none), one sync a batch
-  compiled    unmasked, decoder under torch.compile(dynamic=True): compile time reported separately
-The largest score difference from `masked` is reported for each (the scores must agree within 1e-3).
+gpu_streaming.py (adapter merged, bf16). Variants, all in one process, each timed three times after a warm-up
+batch (median; CUDA graphs of shapes first seen in the timed runs are captured there, and their capture time is
+reported):
+  masked         the forward of before: attention mask passed, one host sync per forward group
+  unmasked       `forward: eager`: no mask (right padding under causal attention needs none), one sync a batch
+  static_shapes  `forward: static_shapes`: forwards padded to fixed shapes (forward_shapes.py), not captured
+  cuda_graphs    `forward: cuda_graphs`: the static shapes replayed from captured CUDA graphs
+  compiled       unmasked, decoder under torch.compile(dynamic=True): compile time reported separately
+  liger+X        variant X after Liger's fused RMSNorm, RoPE and SwiGLU kernels are patched in (needs
+                 `pip install liger-kernel`; patches the model for good, so liger variants come last)
+`cuda_graphs@W/R` sets the shape steps (width W tokens, R rows; default 64/32). The largest score difference
+from the first variant is reported for each (the scores must agree within 1e-3).
 """
 
 from __future__ import annotations
@@ -54,13 +61,24 @@ def masked_scores(scorer, prompts: list[list[int]]) -> list[float]:
     return scores
 
 
+def set_forward(scorer, mode: str, steps: str = "") -> None:
+    """Switch a loaded scorer's forward mode in place (one model load for every variant)."""
+    from sentiment_ray.forward_shapes import ShapeBuckets
+    from sentiment_ray.graphed_forward import CudaGraphForward
+
+    scorer.forward_mode = mode
+    width_step, row_step = (int(x) for x in steps.split("/")) if steps else (64, 32)
+    scorer.buckets = None if mode == "eager" else ShapeBuckets(scorer.max_batch_tokens, width_step, row_step)
+    scorer._graphs = CudaGraphForward(scorer._logits_of, scorer.device) if mode == "cuda_graphs" else None
+
+
 def time_variant(score, batches: list[list[list[int]]]) -> tuple[float, list[float]]:
     import torch
 
     score(batches[0])  # warm-up (and, compiled, the first compile)
     torch.cuda.synchronize()
     runs, scores = [], []
-    for _ in range(2):
+    for _ in range(3):
         started = time.perf_counter()
         scores = [s for batch in batches for s in score(batch)]
         torch.cuda.synchronize()
@@ -78,7 +96,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--max-batch-tokens", type=int, default=131072)
-    parser.add_argument("--variants", default="masked,unmasked,compiled")
+    parser.add_argument("--variants", default="unmasked,static_shapes,cuda_graphs")
     args = parser.parse_args()
     import torch
 
@@ -107,14 +125,23 @@ def main() -> None:
               "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens, "variants": {}}
     reference = None
     eager_decoder = scorer._decoder
+    liger_applied = False
     for variant in args.variants.split(","):
         scorer._decoder = eager_decoder
+        mode, _, steps = variant.removeprefix("liger+").partition("@")
+        if variant.startswith("liger+") and not liger_applied:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+            _apply_liger_kernel_to_instance(model=scorer.model, rope=True, rms_norm=True, swiglu=True,
+                                            cross_entropy=False, fused_linear_cross_entropy=False)
+            liger_applied = True
+        set_forward(scorer, "eager" if mode in ("unmasked", "compiled", "masked") else mode, steps)
         compile_s = None
-        if variant == "masked":
+        if mode == "masked":
             score = lambda batch: masked_scores(scorer, batch)  # noqa: E731
         else:
             score = scorer.score_token_ids
-            if variant == "compiled":
+            if mode == "compiled":
                 scorer._decoder = torch.compile(eager_decoder, dynamic=True)
                 started = time.perf_counter()
                 score(batches[0])
@@ -124,16 +151,19 @@ def main() -> None:
         seconds, scores = time_variant(score, batches)
         reference = reference or scores
         row = {"seconds": seconds, "reviews_per_s": len(prompts) / seconds, "compile_s": compile_s,
+               "capture_s": scorer.capture_seconds,
+               "shapes": len(scorer._graphs.graphs) if scorer._graphs else None,
                "max_abs_diff_vs_first": float(np.max(np.abs(np.array(scores) - np.array(reference))))}
         report["variants"][variant] = row
         (out / f"gpu_forward_{args.model}.json").write_text(json.dumps(report, indent=2))
         print(f"[bench] {variant}: {row}", flush=True)
     print(f"\n{report['gpu']}, {args.model}, {len(prompts)} reviews, {tokens / len(prompts):.0f} tokens/review, "
           f"batch {args.batch_size}, forwards <= {args.max_batch_tokens} tokens")
-    print(f"{'variant':12}{'seconds':>9}{'reviews/s':>11}{'compile s':>11}{'max |diff|':>12}")
+    print(f"{'variant':26}{'seconds':>9}{'reviews/s':>11}{'compile s':>11}{'capture s':>11}{'shapes':>8}{'max |diff|':>12}")
     for name, row in report["variants"].items():
         compile_s = f"{row['compile_s']:.1f}" if row["compile_s"] is not None else "-"
-        print(f"{name:12}{row['seconds']:9.2f}{row['reviews_per_s']:11.1f}{compile_s:>11}{row['max_abs_diff_vs_first']:12.2e}")
+        print(f"{name:26}{row['seconds']:9.2f}{row['reviews_per_s']:11.1f}{compile_s:>11}{row['capture_s']:>11.2f}"
+              f"{row['shapes'] or '-':>8}{row['max_abs_diff_vs_first']:12.2e}")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def make_adapter(model_dir: Path, folder: Path, model: str) -> Path:
     return gpu_scoring.make_adapter(model_dir, folder)
 
 
-def run_job(adapter: Path, inputs: Path, output: Path, batch_size: int, max_batch_tokens: int) -> dict:
+def run_job(adapter: Path, inputs: Path, output: Path, batch_size: int, max_batch_tokens: int,
+            forward: str = "eager") -> dict:
     from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
     from sentiment_ray.ray_cluster import ensure_ray
     from sentiment_ray.scoring import run_scoring
@@ -113,7 +114,7 @@ def run_job(adapter: Path, inputs: Path, output: Path, batch_size: int, max_batc
     ensure_ray(RayConfig(address="local"))
     cfg = ScoreConfig(input=str(inputs), output=str(output), adapter=str(adapter), overwrite=True,
                       batch_size=batch_size, max_batch_tokens=max_batch_tokens, pool_size=1, num_cpus_per_actor=2,
-                      num_gpus_per_actor=1, batches_in_flight=4,
+                      num_gpus_per_actor=1, batches_in_flight=4, forward=forward,
                       model=ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=True))
     started = time.perf_counter()
     summary = run_scoring(cfg)
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--max-batch-tokens", type=int, default=131072)
     parser.add_argument("--old-tree", help="a checkout of the work-unit pipeline to run side by side")
+    parser.add_argument("--forward", default="eager", help="ScoreConfig.forward: eager, static_shapes, cuda_graphs")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from benchmarks.gpu_common import build_random_mistral_7b, gpu_name
@@ -164,13 +166,15 @@ def main() -> None:
         model_dir = build_random_mistral_7b(work / "mistral7b-random", texts)
     adapter = make_adapter(model_dir, work / f"adapter-{args.model}", args.model)
     report = {"gpu": gpu_name(), "model": args.model, "batch_size": args.batch_size,
-              "max_batch_tokens": args.max_batch_tokens, "new": {}, "old": {}}
+              "max_batch_tokens": args.max_batch_tokens, "forward": args.forward,
+              "new": {}, "old": {}}
     sizes = sorted(args.rows)
     inputs = {n: tile(args.data, n, work / f"in-{n}") for n in sizes}
     sampler = GpuSampler()
     try:
         for n in sizes:
-            result = run_job(adapter, inputs[n], work / f"out-{args.model}-{n}", args.batch_size, args.max_batch_tokens)
+            result = run_job(adapter, inputs[n], work / f"out-{args.model}-{n}", args.batch_size, args.max_batch_tokens,
+                             args.forward)
             result["gpu_busy"] = sampler.busy(result["started"], result["started"] + result["seconds"])
             report["new"][n] = result
             (out / f"gpu_streaming_{args.model}.json").write_text(json.dumps(report, indent=2))
@@ -199,7 +203,7 @@ def main() -> None:
             report["old_steady"] = (o_large["rows"] - o_small["rows"]) / (o_large["seconds"] - o_small["seconds"])
     (out / f"gpu_streaming_{args.model}.json").write_text(json.dumps(report, indent=2))
     print(f"\n{report['gpu']}, {args.model} (random weights, r=16 adapter merged, bf16), IMDB dev reviews tiled, "
-          f"batch {args.batch_size}, forwards of <= {args.max_batch_tokens} tokens")
+          f"batch {args.batch_size}, forwards of <= {args.max_batch_tokens} tokens, forward {args.forward}")
     print(f"{'pipeline':12}{'rows':>9}{'seconds':>9}{'reviews/s end to end':>22}{'GPU busy':>10}{'stage busy':>12}")
     for name in ("new", "old"):
         for n, r in report[name].items():

@@ -127,7 +127,7 @@ def cmd_predict(args) -> int:
     if not args.adapter and not args.zero_shot:
         raise ConfigError("predict needs --adapter DIR (or --zero-shot to use the base model alone)")
     model = ModelConfig(name_or_path=args.base_model or "")
-    for p in predict(args.texts, args.adapter, model=model):
+    for p in predict(args.texts, args.adapter, model=model, threshold=args.threshold):
         text = _printable(p.text)
         if p.label is None:
             reason = f"{p.status}: {_printable(p.error)}" if p.error else p.status
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter")
     p.add_argument("--zero-shot", action="store_true", help="use the base model without an adapter")
     p.add_argument("--base-model", help="override the adapter's base model (zero-shot default: embedded SmolLM2)")
+    p.add_argument("--threshold", type=float,
+                   help="label positive when score >= this (default: the adapter's stored threshold, else 0.5)")
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_predict)
 

@@ -20,6 +20,7 @@ TINY_MODEL = "embedded:tiny-random-mistral"  # built locally in a second; for te
 BACKENDS = ("auto", "hf", "unsloth")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs")  # ScoreConfig.forward
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -86,10 +87,16 @@ class DataConfig:
     # Share of the training rows replaced by an excerpt of themselves (8-60 consecutive words, same label,
     # chosen by shuffle_seed): teaches the adapter short texts too (sentiment_ray/excerpts.py). 0: whole reviews.
     excerpt_share: float = 0.0
+    # Rows held out of training (the first N after shuffling, whole reviews) to fit the temperature that makes
+    # `score` a calibrated probability (calibration.py); stored with the adapter, applied by score and predict.
+    # 0: no calibration (temperature 1).
+    calibration_rows: int = 0
 
     def __post_init__(self):
         if self.limit is not None:
             _positive("data.limit", self.limit)
+        if self.calibration_rows < 0:
+            raise ConfigError(f"data.calibration_rows must be >= 0, got {self.calibration_rows}")
         if not 0.0 <= self.excerpt_share <= 1.0:
             raise ConfigError(f"data.excerpt_share must be in [0, 1], got {self.excerpt_share}")
 
@@ -109,6 +116,15 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     optim: str = "adamw_torch"
     torch_threads: int | None = None  # CPU only; default: the CPUs the worker reserves
+    # Batches of reviews of similar length (transformers' LengthGroupedSampler): far less padding per batch, the
+    # same reviews per epoch; the order within an epoch is still seeded random across length groups.
+    group_by_length: bool = False
+    # Padding-free batches (reviews packed into one row, attention kept within each). Off: with torch < 2.12
+    # Unsloth then runs attention once per review; on one H200 that cost SmolLM2-135M 53x its speed and the 7B
+    # model 29 % of its tokens/s (4,073 vs 5,747 padded), for 26 % less peak memory (docs/BENCHMARKS.md §3, §7).
+    # Set explicitly, because Unsloth turns it on by itself otherwise.
+    padding_free: bool = False
+    dataloader_workers: int = 0  # processes collating batches beside the training loop (0: in the loop)
     # A resumable trainer checkpoint (adapter, optimizer, scheduler, RNG, step) every N optimizer steps,
     # reported to Ray Train so that a restarted worker or a rerun continues from it; 0: none.
     checkpoint_steps: int = 100
@@ -185,6 +201,12 @@ class ScoreConfig:
     # None: one forward pass per batch. A number: each batch is sorted by length and cut into forward passes
     # of at most this many padded tokens (less padding; bounded activation memory).
     max_batch_tokens: int | None = None
+    # How the scoring actor runs its forwards: `eager` (length-sorted groups within max_batch_tokens),
+    # `static_shapes` (the groups padded to a few fixed shapes, forward_shapes.py), `cuda_graphs` (static shapes,
+    # each replayed from a CUDA graph captured on first use: no per-kernel launch cost; GPU only). On an H200 with
+    # SmolLM2 and 2,048-row batches the graphs were no faster than eager (docs/BENCHMARKS.md §10): forwards that
+    # large are not launch-bound, so eager is the default. Scores were bit-identical to eager there.
+    forward: str = "eager"
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
     num_cpus_per_actor: float = 1.0  # per scoring actor
     num_gpus_per_actor: float = 0.0
@@ -220,6 +242,9 @@ class ScoreConfig:
             raise ConfigError("pass either resume (continue an earlier run) or overwrite (start over), not both")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
+        _choice("forward", self.forward, FORWARD_MODES)
+        if self.forward in ("static_shapes", "cuda_graphs") and not self.max_batch_tokens:
+            raise ConfigError(f"forward={self.forward} needs max_batch_tokens: the forward shapes are cut from it")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1] (a score >= it is positive), got {self.threshold}")
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:

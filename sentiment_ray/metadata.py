@@ -35,6 +35,9 @@ class AdapterMetadata:
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     threshold: float | None = None  # score's label threshold for this adapter (None: 0.5); --threshold overrides
+    # Logits are divided by it before the softmax that gives `score` (None: 1, uncalibrated); fitted by finetune
+    # on held-out training rows (calibration.py), applied by score, predict and export alike.
+    temperature: float | None = None
     package_version: str = __version__
     format_version: int = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))

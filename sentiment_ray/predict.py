@@ -40,12 +40,17 @@ def _quiet(_: str) -> None:
 
 
 def predict(texts: list[str], adapter: str | None = None, *, scorer: SentimentScorer | None = None,
-            model: ModelConfig | None = None, batch_size: int = 16) -> list[Prediction]:
-    """`predict(["This movie was truly inspiring"], adapter="adapters/imdb")` → [Prediction(label="positive", ...)]."""
+            model: ModelConfig | None = None, batch_size: int = 16,
+            threshold: float | None = None) -> list[Prediction]:
+    """`predict(["This movie was truly inspiring"], adapter="adapters/imdb")` → [Prediction(label="positive", ...)].
+
+    A label is positive when its score >= `threshold`; None: the threshold stored with the adapter (else 0.5),
+    as `score` does. The score is the adapter's calibrated probability (its stored temperature applied)."""
     scorer = scorer or load_predictor(adapter, model)
+    threshold = scorer.threshold if threshold is None else threshold
     out: list[Prediction] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         result = score_with_retry(scorer.score_texts, chunk, on_retry=_quiet)
-        out += [Prediction(*row) for row in zip(chunk, result.labels, result.scores, result.statuses, result.errors)]
+        out += [Prediction(*row) for row in zip(chunk, result.labels(threshold), result.scores, result.statuses, result.errors)]
     return out

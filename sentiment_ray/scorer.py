@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from sentiment_ray.config import EMBEDDED_MODEL, ModelConfig
+from sentiment_ray.config import EMBEDDED_MODEL, FORWARD_MODES, ModelConfig
 from sentiment_ray.data import utf8_problem
+from sentiment_ray.forward_shapes import ShapeBuckets
 from sentiment_ray.labels import CLASS_NAMES
 from sentiment_ray.metadata import (
     AdapterError,
@@ -45,6 +47,7 @@ ROW_STATUSES = (STATUS_OK, STATUS_EMPTY, STATUS_NON_STRING, STATUS_NO_TOKENS, ST
 # this many characters per budget token can never survive truncation (tokens are far shorter), so it is cut
 # before tokenizing, on the side the truncation policy drops.
 CHARS_PER_TOKEN_BOUND = 64
+logger = logging.getLogger(__name__)
 ERROR_MESSAGE_CHARS = 500
 
 
@@ -64,13 +67,9 @@ class BatchScores:
         return cls([s for p in parts for s in p.scores], [s for p in parts for s in p.statuses],
                    [t for p in parts for t in p.truncated], [e for p in parts for e in p.errors])
 
-    @property
-    def label_ids(self) -> list[int | None]:
-        return [None if s is None else int(s >= 0.5) for s in self.scores]
-
-    @property
-    def labels(self) -> list[str | None]:
-        return [None if i is None else CLASS_NAMES[i] for i in self.label_ids]
+    def labels(self, threshold: float = 0.5) -> list[str | None]:
+        """The label of each scored row: positive when its score >= threshold."""
+        return [None if s is None else CLASS_NAMES[int(s >= threshold)] for s in self.scores]
 
 
 def as_text(value) -> tuple[str | None, str | None, str | None]:
@@ -171,7 +170,8 @@ class TextPreparer:
 
 class SentimentScorer:
     def __init__(self, model, tokenizer, prompt: PromptSpec, identity: str, expected_label_ids: list[int] | None = None,
-                 max_batch_tokens: int | None = None):
+                 max_batch_tokens: int | None = None, forward: str = "eager", temperature: float = 1.0,
+                 threshold: float = 0.5):
         import torch
 
         self.model = model
@@ -182,6 +182,10 @@ class SentimentScorer:
         check_label_ids(self.encoder, expected_label_ids)
         self.preparer = TextPreparer(self.encoder)
         self.identity = identity
+        # P(positive) = softmax(logits / temperature): the temperature fitted on held-out training rows
+        # (calibration.py) and stored with the adapter, so score, predict and export give the same probability.
+        self.temperature = temperature
+        self.threshold = threshold
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._decoder = causal_lm.get_decoder()  # LoRA layers sit inside it, so calling it applies the adapter
@@ -195,12 +199,35 @@ class SentimentScorer:
         self._logit_scale = getattr(text_config, "logit_scale", None) or 1.0
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
         self.device = self._label_weight.device
+        self.forward_mode = self._resolve_forward(forward)
+        self.buckets = ShapeBuckets(max_batch_tokens) if self.forward_mode != "eager" else None
+        self._graphs = None
+        if self.forward_mode == "cuda_graphs":
+            from sentiment_ray.graphed_forward import CudaGraphForward
+
+            self._graphs = CudaGraphForward(self._logits_of, self.device)
+
+    def _resolve_forward(self, forward: str) -> str:
+        if forward not in FORWARD_MODES:
+            raise ValueError(f"forward must be one of {list(FORWARD_MODES)}, got {forward!r}")
+        on_cuda = self.device.type == "cuda"
+        if forward != "eager" and not self.max_batch_tokens:
+            raise ValueError(f"forward={forward} needs max_batch_tokens: the shapes are cut from the token budget")
+        if forward == "cuda_graphs" and not on_cuda:
+            raise ValueError(f"forward=cuda_graphs needs the model on a CUDA device; it is on {self.device}")
+        return forward
+
+    @property
+    def capture_seconds(self) -> float:
+        """Seconds spent capturing CUDA graphs so far (0 unless forward is cuda_graphs)."""
+        return self._graphs.capture_seconds if self._graphs else 0.0
 
     # ---------------------------------------------------------------------------------- construction
 
     @classmethod
     def from_adapter(cls, adapter_dir: str | Path, model: ModelConfig | None = None,
-                     max_batch_tokens: int | None = None, weights_sha256: str | None = None) -> SentimentScorer:
+                     max_batch_tokens: int | None = None, weights_sha256: str | None = None,
+                     forward: str = "eager") -> SentimentScorer:
         """Base model + adapter (a local folder or a URI, copied once per node into a cache keyed by
         `weights_sha256`); `model.name_or_path` overrides the recorded base (e.g. its path on this node)."""
         from sentiment_ray import backends
@@ -213,46 +240,59 @@ class SentimentScorer:
         base = backends.resolve_model_path(model.name_or_path or metadata.base_model)
         loaded, tokenizer, _ = backends.load_for_scoring(model, base, str(local), max_length=metadata.prompt.max_length)
         return cls(loaded, tokenizer, metadata.prompt, identity, metadata.label_token_ids,
-                   max_batch_tokens=max_batch_tokens)
+                   max_batch_tokens=max_batch_tokens, forward=forward, temperature=metadata.temperature or 1.0,
+                   threshold=0.5 if metadata.threshold is None else metadata.threshold)
 
     @classmethod
-    def zero_shot(cls, model: ModelConfig, prompt: PromptSpec, max_batch_tokens: int | None = None) -> SentimentScorer:
+    def zero_shot(cls, model: ModelConfig, prompt: PromptSpec, max_batch_tokens: int | None = None,
+                  forward: str = "eager") -> SentimentScorer:
         """The base model alone, with the same prompt and label words: the before-finetuning baseline."""
         from sentiment_ray import backends
 
         base = backends.resolve_model_path(model.name_or_path or EMBEDDED_MODEL)
         loaded, tokenizer, _ = backends.load_for_scoring(model, base, None, max_length=prompt.max_length)
-        return cls(loaded, tokenizer, prompt, f"zero-shot:{Path(base).name}", max_batch_tokens=max_batch_tokens)
+        return cls(loaded, tokenizer, prompt, f"zero-shot:{Path(base).name}", max_batch_tokens=max_batch_tokens,
+                   forward=forward)
 
     @classmethod
     def load(cls, adapter_dir: str | None, model: ModelConfig, prompt: PromptSpec,
-             max_batch_tokens: int | None = None, weights_sha256: str | None = None) -> SentimentScorer:
+             max_batch_tokens: int | None = None, weights_sha256: str | None = None,
+             forward: str = "eager") -> SentimentScorer:
         if adapter_dir:
-            return cls.from_adapter(adapter_dir, model, max_batch_tokens, weights_sha256)
-        return cls.zero_shot(model, prompt, max_batch_tokens)
+            return cls.from_adapter(adapter_dir, model, max_batch_tokens, weights_sha256, forward)
+        return cls.zero_shot(model, prompt, max_batch_tokens, forward)
 
     # ---------------------------------------------------------------------------------- scoring
 
-    def label_logits(self, prompts: list[list[int]]):
-        """[batch, 2] float32 logits of (negative, positive) at each prompt's last position; one forward pass."""
+    def _padded(self, prompts: list[list[int]], width: int | None = None, rows: int | None = None):
+        """(input_ids [rows, width], last real position per row) on the model's device: right-padded, dummy rows
+        (all pad, last position 0) up to `rows`."""
         import torch
 
         # Padded with numpy in one vectorized step, not row by row: at thousands of rows/s on a GPU the host work
         # of building the batch would otherwise keep the GPU waiting.
         row_lengths = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
-        width = int(row_lengths.max())
+        width = width or int(row_lengths.max())
+        rows = rows or len(prompts)
         real = np.arange(width)[None, :] < row_lengths[:, None]
-        padded = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
-        padded[real] = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
-        input_ids = torch.from_numpy(padded).to(self.device, non_blocking=True)
-        lengths = torch.from_numpy(row_lengths).to(self.device)
+        padded = np.full((rows, width), self.pad_id, dtype=np.int64)
+        padded[:len(prompts)][real] = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
+        last = np.zeros(rows, dtype=np.int64)
+        last[:len(prompts)] = row_lengths - 1
+        return (torch.from_numpy(padded).to(self.device, non_blocking=True),
+                torch.from_numpy(last).to(self.device, non_blocking=True))
+
+    def _logits_of(self, input_ids, last_positions):
+        """[rows, 2] float32 logits of (negative, positive) at each row's last real position."""
+        import torch
+
         with torch.inference_mode():
             # No attention mask, and the result is the same: the pads sit after each row's last real token, and
             # causal attention already keeps a position from seeing anything after it. Without a mask the model
             # builds no [batch, 1, width, width] mask per forward and SDPA takes its causal kernel (1.32x on
             # SmolLM2 on an H200, docs/BENCHMARKS.md §8).
             hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-            last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
+            last = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last_positions]
             logits = last.to(self._label_weight.dtype) @ self._label_weight.t()
             if self._label_bias is not None:
                 logits = logits + self._label_bias
@@ -261,8 +301,12 @@ class SentimentScorer:
                 logits = self._softcap * torch.tanh(logits / self._softcap)
         return logits
 
+    def label_logits(self, prompts: list[list[int]]):
+        """[batch, 2] float32 logits of (negative, positive) at each prompt's last position; one forward pass."""
+        return self._logits_of(*self._padded(prompts))
+
     def forward_groups(self, lengths: list[int]) -> list[list[int]]:
-        """Row indices per forward pass: all rows at once, or length-sorted groups within the token budget."""
+        """Row indices per eager forward pass: all rows at once, or length-sorted groups within the token budget."""
         if not self.max_batch_tokens:
             return [list(range(len(lengths)))]
         groups, current = [], []
@@ -273,21 +317,62 @@ class SentimentScorer:
             current.append(row)
         return groups + [current] if current else groups
 
+    def _shaped_logits(self, prompts: list[list[int]], width: int, rows: int):
+        input_ids, last = self._padded(prompts, width, rows)
+        if self._graphs is not None:
+            try:
+                return self._graphs(input_ids, last)[:len(prompts)]
+            except RuntimeError as exc:  # a model whose forward syncs with the host cannot be captured
+                logger.warning("CUDA graph capture failed (%s: %s); scoring with static shapes, uncaptured",
+                               type(exc).__name__, str(exc)[:300])
+                self._graphs, self.forward_mode = None, "static_shapes"
+        return self._logits_of(input_ids, last)[:len(prompts)]
+
+    def _margins(self, prompts: list[list[int]]):
+        """(logit(positive) - logit(negative) per prompt as a device tensor, prompt order of the tensor's rows)."""
+        import torch
+
+        if self.buckets is not None:
+            forwards = self.buckets.plan([len(p) for p in prompts])
+            order = [j for f in forwards for j in f.rows]
+            logits = [self._shaped_logits([prompts[j] for j in f.rows], f.width, f.padded_rows) for f in forwards]
+        else:
+            groups = self.forward_groups([len(p) for p in prompts])
+            order = [j for group in groups for j in group]
+            logits = [self.label_logits([prompts[j] for j in group]) for group in groups]
+        logits = torch.cat(logits)
+        return logits[:, 1] - logits[:, 0], order
+
+    def _in_prompt_order(self, values, order: list[int]) -> list[float]:
+        # Every forward of the batch is queued before this one copy back to the host: a copy per forward would
+        # make the GPU wait while the host pads the next group.
+        host = values.cpu().numpy().astype(np.float64)
+        out: list[float] = [0.0] * len(order)
+        for j, value in zip(order, host):
+            out[j] = float(value)
+        return out
+
     def score_token_ids(self, prompts: list[list[int]]) -> list[float]:
-        """P(positive) of each tokenized prompt, in length-sorted forwards within `max_batch_tokens`."""
+        """P(positive) of each tokenized prompt, in length-sorted forwards within `max_batch_tokens`:
+        softmax over the two label logits = sigmoid of their difference, over the adapter's temperature."""
         import torch
 
         if not prompts:
             return []
-        groups = self.forward_groups([len(p) for p in prompts])
-        # Every forward of the batch is queued before the one copy back to the host: a copy per forward would make
-        # the GPU wait while the host pads the next group.
-        positive = [torch.softmax(self.label_logits([prompts[j] for j in group]), dim=-1)[:, 1] for group in groups]
-        probabilities = torch.cat(positive).cpu().numpy().astype(np.float64)
-        scores: list[float] = [0.0] * len(prompts)
-        for j, p in zip((j for group in groups for j in group), probabilities):
-            scores[j] = float(p)
-        return scores
+        margins, order = self._margins(prompts)
+        return self._in_prompt_order(torch.sigmoid(margins / self.temperature), order)
+
+    def logit_margins(self, texts: list) -> list[float | None]:
+        """logit(positive) - logit(negative) of each text before any temperature (None where a row is marked):
+        what temperature scaling is fitted on."""
+        prepared = self.preparer.prepare(texts)
+        rows = [i for i, status in enumerate(prepared.statuses) if status is None]
+        out: list[float | None] = [None] * len(texts)
+        if rows:
+            margins, order = self._margins([prepared.input_ids[i] for i in rows])
+            for i, margin in zip(rows, self._in_prompt_order(margins, order)):
+                out[i] = margin
+        return out
 
     def score_prepared(self, prepared: PreparedTexts) -> BatchScores:
         rows = [i for i, status in enumerate(prepared.statuses) if status is None]

@@ -26,9 +26,23 @@ from sentiment_ray.outputs import check_output_location_free, commit, refuse_ove
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldOutRows:
+    """Labeled rows kept out of training, to fit the adapter's temperature on (DataConfig.calibration_rows)."""
+
+    texts: list[str]
+    labels: list[int]
+
+
 def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]:
     """The training rows, shuffled and limited, checked (InputError naming the file and row) on the driver, so
     that bad data ends the command before Ray starts rather than inside the training worker."""
+    texts, labels, info, _ = load_rows(cfg)
+    return texts, labels, info
+
+
+def load_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict, HeldOutRows]:
+    """`load_training_rows`, and the held-out calibration rows taken before the limit and the excerpts."""
     data = cfg.data
     if data.train.startswith("hf:"):
         texts, labels = load_labeled_hf(data.train[3:], data.hf_split, data.text_column, data.label_column)
@@ -37,6 +51,12 @@ def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]
         texts, labels, files = load_labeled_parquet(data.train, data.text_column, data.label_column)
     order = list(range(len(texts)))
     random.Random(data.shuffle_seed).shuffle(order)
+    if data.calibration_rows and data.calibration_rows >= len(order):
+        raise InputError(f"{data.train}: data.calibration_rows={data.calibration_rows} holds out all {len(order)} "
+                         "rows; nothing would be left to train on")
+    held_out = HeldOutRows([texts[i] for i in order[:data.calibration_rows]],
+                           [labels[i] for i in order[:data.calibration_rows]])
+    order = order[data.calibration_rows:]
     if data.limit:
         order = order[: data.limit]
     texts = [texts[i] for i in order]
@@ -60,8 +80,10 @@ def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]
         "limit": data.limit,
         "excerpt_share": data.excerpt_share,
         "excerpts": excerpts,
+        "calibration_rows": len(held_out.texts),
+        "calibration_fingerprint": fingerprint(held_out.texts, held_out.labels) if held_out.texts else None,
     }
-    return texts, labels, info
+    return texts, labels, info, held_out
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -187,9 +209,9 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
         seed=cfg.train.seed,
         max_length=cfg.prompt.max_length,  # prompts are clipped to fit already; TRL's cut never triggers
         completion_only_loss=True,
-        # Explicit, so Unsloth does not turn padding-free batching on: with torch < 2.12 it runs attention once
-        # per packed review, which made SmolLM2 on an H200 21x slower than padded batches (docs/BENCHMARKS.md).
-        padding_free=False,
+        # Always explicit: Unsloth turns padding-free batching on by itself otherwise (TrainConfig.padding_free).
+        padding_free=cfg.train.padding_free,
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
         gradient_checkpointing=cfg.train.gradient_checkpointing and backend == "hf",
         bf16=bf16,
         use_cpu=not on_gpu,
@@ -198,7 +220,8 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
         save_total_limit=1,  # on the worker's disk; Ray Train keeps its own copies in storage
         report_to="none",
         include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
+        dataloader_num_workers=cfg.train.dataloader_workers,
+        dataloader_persistent_workers=cfg.train.dataloader_workers > 0,
     )
     timings: dict = {}
     trainer = SFTTrainer(
@@ -245,6 +268,31 @@ def run_training(setup: TrainingSetup, resume_from: Path | None = None) -> dict:
     return metrics
 
 
+CALIBRATION_BATCH_TOKENS = 65536
+
+
+def calibrate(setup: TrainingSetup, cfg: FinetuneConfig, held_out: HeldOutRows):
+    """The temperature of the trained adapter, fitted on the held-out rows (None when there are none): the
+    trained model in memory scores them with the scorer's own forward, before any temperature."""
+    if not held_out.texts:
+        return None
+    from sentiment_ray.calibration import fit_temperature
+    from sentiment_ray.scorer import SentimentScorer
+
+    model = setup.trainer.model
+    model.eval()
+    scorer = SentimentScorer(model, setup.tokenizer, cfg.prompt, "calibration", list(setup.encoder.label_token_ids),
+                             max_batch_tokens=CALIBRATION_BATCH_TOKENS, forward="eager")
+    started = time.perf_counter()
+    margins = scorer.logit_margins(held_out.texts)
+    scored = [(m, y) for m, y in zip(margins, held_out.labels) if m is not None]
+    fit = fit_temperature([m for m, _ in scored], [y for _, y in scored])
+    logger.info("temperature %.4f fitted on %d held-out rows in %.1f s (NLL %.4f -> %.4f, ECE %.4f -> %.4f)",
+                fit.temperature, fit.rows, time.perf_counter() - started, fit.nll_before, fit.nll_after,
+                fit.ece_before, fit.ece_after)
+    return fit
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train worker entry point: build model and data, run SFTTrainer (resuming when Ray Train holds a
     checkpoint of this run), report the adapter."""
@@ -277,6 +325,8 @@ def train_worker(loop_config: dict) -> None:
                           extra_callbacks=tuple(callbacks))
     trainer, tokenizer, encoder, backend = setup.trainer, setup.tokenizer, setup.encoder, setup.backend
     metrics = run_training(setup, resume_from=restored)
+    calibration = calibrate(setup, cfg, HeldOutRows(loop_config.get("calibration_texts", []),
+                                                    loop_config.get("calibration_labels", [])))
 
     adapter_dir = Path(work_dir) / "adapter"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
@@ -289,7 +339,8 @@ def train_worker(loop_config: dict) -> None:
         lora=dataclasses.asdict(cfg.lora),
         data=loop_config["data_info"],
         training={**dataclasses.asdict(cfg.train), "model": dataclasses.asdict(cfg.model)},
-        metrics=metrics,
+        metrics={**metrics, **({"calibration": calibration.to_dict()} if calibration else {})},
+        temperature=calibration.temperature if calibration else None,
     ).write(adapter_dir)
     ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(adapter_dir),
                      checkpoint_dir_name="adapter")
@@ -313,7 +364,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if not cfg.data.train.startswith("hf:"):
         refuse_overlap(cfg.output_dir, [cfg.data.train], "training data")
     final = check_output_location_free(cfg.output_dir, cfg.overwrite, METADATA_FILE)
-    texts, labels, data_info = load_training_rows(cfg)
+    texts, labels, data_info, held_out = load_rows(cfg)
     print(f"[finetune] {len(texts)} training rows from {cfg.data.train} (fingerprint {data_info['fingerprint']})", flush=True)
     # Resolved on the driver: relative paths break in workers, and the embedded model is built once here.
     model = dataclasses.replace(cfg.model, name_or_path=backends.resolve_model_path(cfg.model.name_or_path))
@@ -342,6 +393,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             "config": dataclasses.asdict(cfg),
             "texts": texts,
             "labels": labels,
+            "calibration_texts": held_out.texts,
+            "calibration_labels": held_out.labels,
             "data_info": data_info,
             "faults": fault_plan.to_dict(),
         },

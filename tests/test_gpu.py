@@ -103,3 +103,39 @@ def test_unsloth_worker_killed_mid_training_resumes_from_its_checkpoint(ray_sess
     worst = max(abs(x - y) for x, y in zip(a, b))
     print(f"resumed vs uninterrupted Unsloth adapter: scores differ by up to {worst:.5f}")
     assert worst < GPU_CPU_TOLERANCE
+
+
+def _dev_reviews(rows: int) -> list[str]:
+    """IMDB dev reviews: `.data/imdb` where the GPU command carries it, else the shared data beside the checkout."""
+    for path in (REPO_ROOT / ".data" / "imdb" / "dev.parquet", REPO_ROOT.parent / "shared" / "data" / "imdb" / "dev.parquet"):
+        if path.exists():
+            return pq.read_table(path, columns=["text"]).column("text").to_pylist()[:rows]
+    pytest.fail("IMDB dev.parquet not found: carry .data/imdb/dev.parquet (docs/BENCHMARKS.md)")
+
+
+def test_cuda_graph_forwards_score_as_the_eager_path(small_model):
+    """2,000 real dev reviews of every length up to 384 tokens: replayed CUDA graphs of fixed shapes (dummy rows,
+    rounded widths) give the eager path's scores within 1e-3 in bf16. The CPU twin is test_scorer.py's
+    static-shapes test."""
+    from sentiment_ray.config import ScoringModelConfig
+    from sentiment_ray.prompt import PromptSpec
+
+    texts = _dev_reviews(2000)
+    prompt = PromptSpec(max_length=384)
+
+    def scorer(forward):
+        model = ScoringModelConfig(name_or_path=str(small_model), backend="hf", dtype="bfloat16", device="cuda")
+        return SentimentScorer.zero_shot(model, prompt, max_batch_tokens=65536, forward=forward)
+
+    eager = scorer("eager").score_texts(texts).scores
+    graphed_scorer = scorer("cuda_graphs")
+    graphed = graphed_scorer.score_texts(texts).scores
+    assert graphed_scorer.forward_mode == "cuda_graphs" and len(graphed_scorer._graphs.graphs) >= 6
+    assert graphed_scorer.score_texts(texts).scores == graphed  # replays are deterministic
+    spread = max(eager) - min(eager)
+    worst = max(abs(a - b) for a, b in zip(eager, graphed))
+    print(f"cuda_graphs vs eager on {len(texts)} dev reviews: max |diff| {worst:.2e}, "
+          f"score spread {spread:.3f}, {len(graphed_scorer._graphs.graphs)} shapes captured in "
+          f"{graphed_scorer.capture_seconds:.2f} s")
+    assert spread > 0.01  # the scores differ between reviews: the comparison is not of constants
+    assert worst < 1e-3

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sentiment_ray.config import ModelConfig
+from sentiment_ray.forward_shapes import ShapeBuckets
 from sentiment_ray.metadata import AdapterError
 from sentiment_ray.scorer import STATUS_EMPTY, STATUS_OK, SentimentScorer
 from tests.conftest import RANDOM_ADAPTER_SPEC as SPEC
@@ -38,8 +40,10 @@ def test_batched_scores_equal_a_direct_forward_pass(random_adapter, tiny_model_d
 def test_labels_follow_scores(random_adapter):
     scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
     result = scorer.score_texts(TEXTS)
-    for score, label, label_id in zip(result.scores, result.labels, result.label_ids):
-        assert label_id == int(score >= 0.5) and label == ("positive" if label_id else "negative")
+    for score, label in zip(result.scores, result.labels()):
+        assert label == ("positive" if score >= 0.5 else "negative")
+    middle = sorted(result.scores)[2]  # a threshold that splits the five scores 2 / 3
+    assert result.labels(middle).count("positive") == 3 and result.labels(1.0).count("positive") == 0
     assert scorer.identity.startswith("random-adapter@")
 
 
@@ -48,7 +52,7 @@ def test_null_and_empty_texts_keep_their_rows(random_adapter):
     result = scorer.score_texts([None, "good", "   ", "<br />", "bad"])
     assert result.statuses == [STATUS_EMPTY, STATUS_OK, STATUS_EMPTY, STATUS_EMPTY, STATUS_OK]
     assert [s is None for s in result.scores] == [True, False, True, True, False]
-    assert result.labels[0] is None and result.label_ids[2] is None
+    assert result.labels()[0] is None and result.labels()[2] is None
     assert scorer.score_texts([None]).scores == [None]
 
 
@@ -168,3 +172,52 @@ def test_a_failing_batch_is_retried_whole_then_row_by_row():
     result = score_with_retry(flaky, ["a", "poison", "c"], on_retry=lambda _: None)
     assert result.statuses == [STATUS_OK, STATUS_ERROR, STATUS_OK]
     assert result.scores == [0.5, None, 0.5] and result.errors == [None, "ValueError: boom", None]
+
+
+LONG_AND_SHORT = [f"{'good ' * n}film, {'dull ' * (n % 7)}plot" for n in range(1, 90, 3)]  # widths 8 to ~190 tokens
+
+
+@pytest.mark.parametrize("budget", [256, 1024])
+def test_static_shapes_score_as_the_eager_groups(random_adapter, budget):
+    """The CPU twin of the CUDA-graph path: the same fixed shapes (dummy rows, rounded widths), not captured."""
+    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
+    eager = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=budget, forward="eager")
+    static = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=budget, forward="static_shapes")
+    assert (eager.forward_mode, static.forward_mode) == ("eager", "static_shapes")
+    static.buckets = ShapeBuckets(budget, width_step=16, row_step=4)  # steps to the tiny prompt budget
+    forwards = static.buckets.plan([len(p) for p in static.preparer.prepare(LONG_AND_SHORT).input_ids])
+    assert any(f.padded_rows > len(f.rows) for f in forwards)  # dummy rows are exercised
+    assert len({f.width for f in forwards}) >= 2
+    expected, actual = eager.score_texts(LONG_AND_SHORT), static.score_texts(LONG_AND_SHORT)
+    assert actual.statuses == expected.statuses == [STATUS_OK] * len(LONG_AND_SHORT)
+    assert actual.scores == pytest.approx(expected.scores, abs=1e-5)
+
+
+def test_forward_is_eager_by_default_and_graphs_need_cuda(random_adapter):
+    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
+    assert SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512).forward_mode == "eager"
+    with pytest.raises(ValueError, match="forward must be one of"):
+        SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="compiled")
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="cuda_graphs")
+    with pytest.raises(ValueError, match="needs max_batch_tokens"):
+        SentimentScorer.from_adapter(random_adapter, model, forward="static_shapes")
+
+
+def test_temperature_and_threshold_come_from_the_adapter(random_adapter, tmp_path):
+    import shutil
+
+    from sentiment_ray.metadata import read_metadata
+
+    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
+    plain = SentimentScorer.from_adapter(random_adapter, model).score_texts(TEXTS).scores
+    calibrated_dir = tmp_path / "calibrated"
+    shutil.copytree(random_adapter, calibrated_dir)
+    metadata = read_metadata(calibrated_dir)
+    metadata.temperature, metadata.threshold = 2.5, 0.7
+    metadata.write(calibrated_dir)
+    scorer = SentimentScorer.from_adapter(calibrated_dir, model)
+    assert (scorer.temperature, scorer.threshold) == (2.5, 0.7)
+    calibrated = scorer.score_texts(TEXTS).scores
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    assert [logit(c) for c in calibrated] == pytest.approx([logit(p) / 2.5 for p in plain], abs=1e-6)

@@ -31,7 +31,7 @@ def _config(tiny_model_dir, train_file, output_dir, *extra):
 def trained(ray_session, tiny_model_dir, synthetic_train_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("finetune") / "adapter"
     cfg = _config(tiny_model_dir, synthetic_train_file, out, "train.epochs=4", "train.batch_size=16",
-                  "train.learning_rate=0.005", "lora.r=8", "lora.alpha=16")
+                  "train.learning_rate=0.005", "lora.r=8", "lora.alpha=16", "data.calibration_rows=64")
     return run_finetune(cfg), cfg
 
 
@@ -50,14 +50,43 @@ def test_adapter_folder_and_metadata(trained, synthetic_train_file, tiny_model_d
     meta = read_metadata(folder)
     assert meta.base_model == str(tiny_model_dir)
     assert meta.prompt == cfg.prompt and meta.backend == "hf"
-    assert meta.data["rows"] == 256 and meta.data["files"] == [str(synthetic_train_file)]
-    assert len(meta.data["fingerprint"]) == 16
-    assert meta.metrics["steps"] == 64 and meta.metrics["train_loss"] > 0
+    assert meta.data["rows"] == 192 and meta.data["files"] == [str(synthetic_train_file)]  # 64 held out
+    assert meta.data["calibration_rows"] == 64 and len(meta.data["fingerprint"]) == 16
+    assert meta.metrics["steps"] == 48 and meta.metrics["train_loss"] > 0
     assert meta.metrics["first_step_seconds"] > 0 and meta.metrics["steady_tokens_per_second"] > 0
     folder = Path(folder)
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
     assert (folder / "adapter_model.safetensors").exists()
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # safetensors only
+
+
+def test_the_temperature_is_fitted_on_the_held_out_rows_and_scoring_applies_it(trained, synthetic_train_file,
+                                                                             tiny_model_dir):
+    from sentiment_ray.calibration import fit_temperature
+
+    result, cfg = trained
+    meta = read_metadata(result["adapter_dir"])
+    fit = meta.metrics["calibration"]
+    assert fit["rows"] == 64 and meta.temperature == pytest.approx(fit["temperature"], abs=1e-6)
+    assert fit["nll_after"] <= fit["nll_before"] and meta.temperature != 1.0
+    # Refit from outside, on the same held-out rows (the first 64 after the seeded shuffle), with the scorer the
+    # jobs use: the same temperature, so the worker fitted on the rows it names.
+    texts, labels = pq.read_table(synthetic_train_file).column("text").to_pylist(), []
+    labels = pq.read_table(synthetic_train_file).column("label").to_pylist()
+    import random
+
+    order = list(range(len(texts)))
+    random.Random(cfg.data.shuffle_seed).shuffle(order)
+    scorer = SentimentScorer.from_adapter(result["adapter_dir"], ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    assert scorer.temperature == meta.temperature
+    margins = scorer.logit_margins([texts[i] for i in order[:64]])
+    refit = fit_temperature(margins, [labels[i] for i in order[:64]])
+    assert refit.temperature == pytest.approx(meta.temperature, rel=1e-3)
+
+
+def test_held_out_rows_cannot_take_every_row(tiny_model_dir, synthetic_train_file, tmp_path, ray_must_not_start):
+    with pytest.raises(InputError, match=r"data\.calibration_rows=256 holds out all 256 rows"):
+        run_finetune(_config(tiny_model_dir, synthetic_train_file, tmp_path / "adapter", "data.calibration_rows=256"))
 
 
 def test_peft_loads_the_adapter_as_it_is(trained, tiny_model_dir):

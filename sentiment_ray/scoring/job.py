@@ -198,7 +198,7 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
         ScoreStage, fn_constructor_kwargs={
             **model_args, "max_batch_tokens": cfg.max_batch_tokens,
             "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor)), "run_id": run_id,
-            "threshold": scoring_model.threshold,
+            "threshold": scoring_model.threshold, "forward": cfg.forward,
             "files": inputs.paths, "unit_files": [u.file_index for u in plan.units], "faults": faults.to_dict()},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, resources=cfg.actor_resources or None,

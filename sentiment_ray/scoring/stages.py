@@ -173,6 +173,7 @@ class StageActivity:
     busy_seconds: float
     active_seconds: float
     busy_fraction: float | None
+    capture_seconds: float = 0.0  # CUDA graph captures (ScoreConfig.forward), summed over actors; inside busy
 
 
 class RunLedger:
@@ -189,18 +190,21 @@ class RunLedger:
         self.open[key] = self.open.get(key, 0) + 1
         return self.open[key]
 
-    def end(self, key: tuple[int, int], actor: str | None = None, started: float = 0.0, ended: float = 0.0) -> None:
+    def end(self, key: tuple[int, int], actor: str | None = None, started: float = 0.0, ended: float = 0.0,
+            capture_seconds: float = 0.0) -> None:
         self.open.pop(key, None)
         if actor is not None:  # times from the actor's own clock: only differences within one actor are used
-            span = self.actors.setdefault(actor, [started, ended, 0.0])
+            span = self.actors.setdefault(actor, [started, ended, 0.0, 0.0])
             span[0], span[1], span[2] = min(span[0], started), max(span[1], ended), span[2] + ended - started
+            span[3] = max(span[3], capture_seconds)  # the actor's running total
             self.batches += 1
 
     def activity(self) -> StageActivity:
         busy = sum(s[2] for s in self.actors.values())
         active = sum(s[1] - s[0] for s in self.actors.values())
         return StageActivity(len(self.actors), self.batches, round(busy, 3), round(active, 3),
-                             round(busy / active, 4) if active else None)
+                             round(busy / active, 4) if active else None,
+                             round(sum(s[3] for s in self.actors.values()), 3))
 
 
 def run_ledger(run_id: str):
@@ -230,7 +234,7 @@ class ScoreStage:
 
     def __init__(self, adapter: str | None, weights_sha256: str | None, model: dict, prompt: dict,
                  max_batch_tokens: int | None, torch_threads: int | None, run_id: str, files: list[str],
-                 unit_files: list[int], faults: dict | None = None, threshold: float = 0.5):
+                 unit_files: list[int], faults: dict | None = None, threshold: float = 0.5, forward: str = "eager"):
         import ray
         import torch
 
@@ -241,7 +245,7 @@ class ScoreStage:
         if torch_threads and not torch.cuda.is_available():
             torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the reserved CPUs; say it explicitly
         self.scorer = SentimentScorer.load(adapter, ScoringModelConfig(**model), PromptSpec.from_dict(prompt),
-                                           max_batch_tokens, weights_sha256=weights_sha256)
+                                           max_batch_tokens, weights_sha256=weights_sha256, forward=forward)
         self.ledger = ray.get_actor(f"sentiment-ray-ledger-{run_id}")
         self.actor_name = f"{ray.get_runtime_context().get_node_id()[:12]}-{os.getpid()}"
         self.files, self.unit_files = files, unit_files  # to name the rows of a batch that keeps killing its actor
@@ -281,7 +285,7 @@ class ScoreStage:
         out = out.append_column("status", pa.array(statuses, pa.string()))
         out = out.append_column("adapter", pa.array([self.scorer.identity] * batch.num_rows, pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
-        self.ledger.end.remote(key, self.actor_name, started, time.perf_counter())
+        self.ledger.end.remote(key, self.actor_name, started, time.perf_counter(), self.scorer.capture_seconds)
         self.batches_done += 1
         self._report_progress(batch.num_rows)
         self.faults.maybe_exit(self.batches_done)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from sentiment_ray.config import ConfigError, FinetuneConfig, ScoreConfig, load_config
@@ -74,7 +75,7 @@ def cmd_finetune(args) -> int:
     if args.overwrite:
         overrides.append("overwrite=true")
     cfg = load_config(FinetuneConfig, args.config, overrides)
-    result = run_finetune(cfg)
+    result = run_finetune(cfg, command=args.command_line)
     print(json.dumps({"adapter_dir": result["adapter_dir"], "metrics": result["metrics"]}, indent=2))
     return 0
 
@@ -253,7 +254,9 @@ def _interrupted_hint(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["sentiment-ray", *argv])  # recorded where a result says what made it
     try:
         return args.func(args)
     except USER_ERRORS as exc:

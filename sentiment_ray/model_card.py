@@ -1,9 +1,9 @@
 """Model cards (`README.md` with the Hub's YAML front matter) for the folders this package writes.
 
-`finetune` writes one into every adapter folder, so that the folder says on its own what it is: the base model
-(by hub id where known), the prompt it must be given, the label words, the training data's fingerprint, the
-metrics known when it was saved, the command and config that made it, and how to load it with and without this
-package. The front matter holds the fields the Hugging Face Hub reads
+`finetune` writes one into every adapter folder and `export` one into every exported classifier, so that a folder
+says on its own what it is: the base model (by hub id where known), the prompt it must be given, the label
+words, the training data's fingerprint, the metrics known when it was saved, the command and config that made it,
+and how to load it with and without this package. The front matter holds the fields the Hugging Face Hub reads
 (`library_name`, `base_model`, `pipeline_tag`, `tags`); `base_model` is left out where no hub id is known, since
 the Hub refuses a local path there.
 """
@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from sentiment_ray.metadata import AdapterMetadata
+
+if TYPE_CHECKING:
+    from sentiment_ray.export import ExportSummary
 
 CARD_FILE = "README.md"
 ADAPTER_PLACEHOLDER = "path/to/this/folder"  # the card is written before the folder reaches its final name
@@ -28,6 +32,12 @@ def write_adapter_card(folder: str | Path, metadata: AdapterMetadata) -> Path:
     """Write (or replace: peft writes a template card of its own) the adapter folder's README.md."""
     path = Path(folder) / CARD_FILE
     path.write_text(adapter_card(metadata))
+    return path
+
+
+def write_exported_card(folder: str | Path, metadata: AdapterMetadata, summary: ExportSummary) -> Path:
+    path = Path(folder) / CARD_FILE
+    path.write_text(exported_model_card(metadata, summary))
     return path
 
 
@@ -202,6 +212,99 @@ def _adapter_usage_section(metadata: AdapterMetadata) -> str:
         f"sentiment-ray export --adapter {ADAPTER_PLACEHOLDER} --output merged/",
         "```",
     ])
+
+
+# ------------------------------------------------------------------------------------------ the exported model
+
+
+def exported_model_card(metadata: AdapterMetadata, summary: ExportSummary) -> str:
+    front = {"library_name": "transformers"}
+    if metadata.base_model_id:
+        front["base_model"] = metadata.base_model_id
+    front["pipeline_tag"] = "text-classification"
+    front["tags"] = [*TAGS, "text-classification"]
+    if datasets := _hub_datasets(metadata):
+        front["datasets"] = datasets
+    spec = metadata.prompt
+    negative, positive = metadata.label_names
+    base = metadata.base_model_id or metadata.base_model
+    temperature = (f"the adapter's temperature {summary.temperature} is folded into the head (its weights divided "
+                   "by it)" if summary.temperature is not None else "no temperature (the head is the label rows as "
+                                                                       "they are)")
+    sections = [
+        f"# Sentiment classifier: {summary.adapter} merged into {base}",
+        (f"`{summary.architecture}` ({summary.dtype}) made by `sentiment-ray export` from the LoRA adapter "
+         f"`{summary.adapter}`: the adapter merged into its base, and a classification head whose two rows are the "
+         f"LM head's rows of the label tokens ({negative}, {positive}); {temperature}. So "
+         f"`softmax(logits)[1]` is the adapter's score, P({positive}), and loads with no custom code "
+         "(`trust_remote_code` off)."),
+        "\n".join([
+            "## Inputs must be formatted with the prompt template", "",
+            ("Text-classification pipelines and servers do not apply templates: put each review into this one "
+             "(also `sentiment_ray_prompt_template` in config.json) before classifying it:"), "",
+            "```text", spec.template, "```", "",
+            f"- as a string: `{json.dumps(spec.template)}`",
+        ]),
+        "\n".join([
+            "## How to use it", "",
+            "```python",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+            'model = AutoModelForSequenceClassification.from_pretrained("path/to/this/folder")',
+            (f'batch = tokenizer([{json.dumps(spec.template)}.replace("{{text}}", "A wonderful, moving film.")], '
+             'return_tensors="pt", padding=True)'),
+            f"print(model(**batch).logits.softmax(-1)[:, 1])  # P({positive})",
+            "```", "",
+            "```python",
+            "from transformers import pipeline",
+            "",
+            'classify = pipeline("text-classification", model="path/to/this/folder", top_k=None)',
+            f'print(classify({json.dumps(spec.template)}.replace("{{text}}", "A wonderful, moving film.")))',
+            "```",
+        ]),
+        _differences_section(metadata, summary),
+        "\n".join([
+            "## Where it came from", "",
+            f"- adapter: `{summary.adapter}` (folder name @ sha256 of its weights)",
+            f"- base model: `{base}`" + (f", trained on the weights at `{metadata.base_model}`"
+                                          if metadata.base_model_id else ""),
+            f"- training data fingerprint: `{metadata.data.get('fingerprint')}`",
+            (f"- label words: {', '.join(f'`{json.dumps(w)}`' for w in spec.label_words)} (tokens "
+             f"{list(metadata.label_token_ids)})"),
+            "- training metrics: " + (", ".join(f"{k} {v}" for k, v in sorted(metadata.metrics.items())
+                                                if k in ("train_loss", "steps") and v is not None) or "none recorded"),
+            (f"- made by sentiment_ray {summary.package_version}; the adapter's whole record is `sentiment_ray` in "
+             "config.json"),
+        ]),
+    ]
+    return _front_matter(front) + "\n\n".join(sections) + "\n"
+
+
+def _differences_section(metadata: AdapterMetadata, summary: ExportSummary) -> str:
+    spec = metadata.prompt
+    lines = [
+        "## What differs from `sentiment-ray score`", "",
+        (f"For a review that fits in {spec.max_length} tokens with the template and needs no cleaning (below), the "
+         "probabilities equal the adapter's score within 1e-4 in float32. Beyond that:"), "",
+        ("- cleaning: the scorer turns `<br />` tags into spaces and strips the text; do the same before formatting"
+         if spec.clean_html_breaks else "- cleaning: the scorer strips the text; do the same before formatting"),
+        (f"- length: the scorer clips a review longer than its token budget by `{spec.truncation}` (in tokens, "
+         "keeping the template whole); this model takes the text as given, and a tokenizer's own truncation would "
+         "cut the template's end, where the cue is: clip long reviews before formatting them"),
+        ("- the label: a pipeline's label is the larger logit, i.e. positive from 0.5, as `score` labels with "
+         "this adapter" if metadata.threshold is None else
+         f"- the label: a pipeline's label is the larger logit (positive from 0.5), but this adapter labels positive "
+         f"from {_threshold(metadata)}: compare `softmax(logits)[1]` with that instead"),
+        ("- padding: the tokenizer pads on the right and the model pools the last token that is not the pad token "
+         f"(id {summary.pad_token_id}), the position the scorer reads; keep right padding (left padding moves the "
+         "position ids)"),
+    ]
+    if not summary.tokenization_matches:
+        lines.append("- tokenization: for this tokenizer, tokenizing the whole formatted prompt gave other tokens "
+                     "than the scorer's (which tokenizes the template's parts and the review separately) on probe "
+                     "texts, so probabilities may differ slightly")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ shared

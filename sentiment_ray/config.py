@@ -46,6 +46,22 @@ class ModelConfig:
 
 
 @dataclass
+class FinetuneModelConfig(ModelConfig):
+    # The base model's Hugging Face Hub id, recorded in the adapter's metadata, model card and adapter_config.json
+    # (name_or_path is often a local path that means nothing elsewhere). None: derived from name_or_path where
+    # one is known (sentiment_ray/hub_id.py); set it when the base is a local copy of a hub model.
+    base_model_id: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        from sentiment_ray.hub_id import is_hub_id
+
+        if self.base_model_id is not None and not is_hub_id(self.base_model_id):
+            raise ConfigError(f"model.base_model_id must be a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct "
+                              f"(org/name), got {self.base_model_id!r}")
+
+
+@dataclass
 class ScoringModelConfig(ModelConfig):
     # "": the base model recorded in the adapter (zero-shot: the embedded SmolLM2); set it to override
     # the recorded path, e.g. where the base lives at another path on the scoring nodes.
@@ -165,7 +181,7 @@ class RayConfig:
 class FinetuneConfig:
     output_dir: str = ""
     overwrite: bool = False
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     prompt: PromptSpec = field(default_factory=PromptSpec)
     data: DataConfig = field(default_factory=DataConfig)

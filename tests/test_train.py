@@ -30,9 +30,12 @@ def _config(tiny_model_dir, train_file, output_dir, *extra):
 @pytest.fixture(scope="module")
 def trained(ray_session, tiny_model_dir, synthetic_train_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("finetune") / "adapter"
+    # base_model_id: as for a local copy of a hub model. The learning check below then also shows that scoring
+    # loads the base from the local path in the metadata, not from the hub id in adapter_config.json (offline).
     cfg = _config(tiny_model_dir, synthetic_train_file, out, "train.epochs=4", "train.batch_size=16",
-                  "train.learning_rate=0.005", "lora.r=8", "lora.alpha=16", "data.calibration_rows=64")
-    return run_finetune(cfg), cfg
+                  "train.learning_rate=0.005", "lora.r=8", "lora.alpha=16", "data.calibration_rows=64",
+                  "model.base_model_id=example-org/tiny-random-mistral")
+    return run_finetune(cfg, command="sentiment-ray finetune --config tiny_test.yaml"), cfg
 
 
 def test_learning_check_reaches_90_percent_on_separable_data(trained, tiny_model_dir):
@@ -55,7 +58,13 @@ def test_adapter_folder_and_metadata(trained, synthetic_train_file, tiny_model_d
     assert meta.metrics["steps"] == 48 and meta.metrics["train_loss"] > 0
     assert meta.metrics["first_step_seconds"] > 0 and meta.metrics["steady_tokens_per_second"] > 0
     folder = Path(folder)
-    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["base_model_name_or_path"] == "example-org/tiny-random-mistral"
+    assert meta.base_model_id == "example-org/tiny-random-mistral"
+    card = (folder / "README.md").read_text()  # the model card, with what made the adapter
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: example-org/tiny-random-mistral\n")
+    assert meta.data["fingerprint"] in card and f"| train_loss | {meta.metrics['train_loss']} |" in card
+    assert "sentiment-ray finetune --config tiny_test.yaml" in card
     assert (folder / "adapter_model.safetensors").exists()
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # safetensors only
 

@@ -108,5 +108,8 @@ def test_reporting_and_speed_settings_do_not_change_the_identity(tmp_path, tiny_
     faster = _config(tiny_model_dir, synthetic_train_file, tmp_path, "same", "train.logging_steps=1",
                      "train.checkpoint_steps=2", "train.torch_threads=1")
     assert run_identity(cfg, "f") == run_identity(faster, "f")
+    # The hub id only names the base: a run recorded before model.base_model_id existed still resumes.
+    named = _config(tiny_model_dir, synthetic_train_file, tmp_path, "same", "model.base_model_id=org/tiny")
+    assert run_identity(cfg, "f") == run_identity(named, "f")
     other = _config(tiny_model_dir, synthetic_train_file, tmp_path, "same", "lora.r=4")
     assert run_identity(cfg, "f") != run_identity(other, "f")

@@ -163,12 +163,9 @@ def refuse_quantized_base(base: str, trust_remote_code: bool) -> None:
 
 
 def adapter_temperature(metadata: AdapterMetadata) -> float | None:
-    """The temperature the adapter's scores are computed with (score = softmax(logits / T)), or None.
-
-    AdapterMetadata has no such field yet; where a calibration change adds `temperature`, it is read here and
-    folded into the head, so the exported probabilities stay the adapter's scores with no change to this module.
-    """
-    temperature = getattr(metadata, "temperature", None)
+    """The temperature the adapter's scores are computed with (score = softmax(logits / T)), or None: folded
+    into the head, so the exported probabilities stay the adapter's (calibrated) scores."""
+    temperature = metadata.temperature
     if temperature is None:
         return None
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:

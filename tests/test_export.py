@@ -90,16 +90,21 @@ def test_the_folder_is_plain_transformers_with_the_prompt_in_config_and_card(exp
     assert "```text\nReview: {text}\nSentiment:\n```" in card and "Inputs must be formatted" in card
 
 
-def test_a_temperature_is_folded_into_the_head(random_adapter, tmp_path, monkeypatch):
-    """The hook for a calibrated adapter: score = softmax(logits / T) must hold for the exported model too."""
-    monkeypatch.setattr(export, "adapter_temperature", lambda metadata: 2.0)
-    summary = export_classifier(str(random_adapter), str(tmp_path / "merged"))
+def test_a_calibrated_adapters_temperature_is_folded_into_the_head(random_adapter, tmp_path):
+    """score = softmax(logits / T) for an adapter with a fitted temperature: the exported model gives the same."""
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(random_adapter, calibrated)
+    metadata = read_metadata(calibrated)
+    metadata.temperature = 2.0
+    metadata.write(calibrated)
+    summary = export_classifier(str(calibrated), str(tmp_path / "merged"))
     assert summary.temperature == 2.0
-    scores = [p.score for p in predict(TEXTS, str(random_adapter), model=MODEL)]
+    uncalibrated = [p.score for p in predict(TEXTS, str(random_adapter), model=MODEL)]
+    scores = [p.score for p in predict(TEXTS, str(calibrated), model=MODEL)]  # score and predict apply T too
     # Halving the logit difference: P' = sigmoid(logit(P) / 2).
-    expected = [1 / (1 + math.exp(-math.log(p / (1 - p)) / 2)) for p in scores]
+    assert scores == pytest.approx([1 / (1 + math.exp(-math.log(p / (1 - p)) / 2)) for p in uncalibrated], abs=1e-6)
     probabilities, _ = _classifier_probabilities(tmp_path / "merged", TEXTS)
-    assert probabilities == pytest.approx(expected, abs=TOLERANCE)
+    assert probabilities == pytest.approx(scores, abs=TOLERANCE)
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["sentiment_ray"][
         "temperature_folded_into_head"] == 2.0
 

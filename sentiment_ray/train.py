@@ -86,6 +86,26 @@ def _ray_train_metrics_callback():
     return RayTrainMetricsCallback()
 
 
+def _ray_metrics_callback(run: str):
+    """Step, loss and tokens/s as Ray metrics (sentiment_ray/metrics.py), at each Trainer log."""
+    from transformers import TrainerCallback
+
+    from sentiment_ray.metrics import FinetuneRecorder
+
+    recorder = FinetuneRecorder(run)
+
+    class RayMetricsCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            recorder.start(state.num_input_tokens_seen)  # a resumed run: the tokens its checkpoint had seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            recorder.record_log(state.global_step, loss if isinstance(loss, (int, float)) else None,
+                                state.num_input_tokens_seen)
+
+    return RayMetricsCallback()
+
+
 def _throughput_callback(timings: dict):
     from transformers import TrainerCallback
 
@@ -269,7 +289,8 @@ def train_worker(loop_config: dict) -> None:
     if restored is not None:
         print(f"[finetune] resuming from the checkpoint of step {train_checkpoints.checkpoint_step(restored)}",
               flush=True)
-    callbacks = [_ray_train_metrics_callback(), train_checkpoints.report_checkpoints_callback()]
+    callbacks = [_ray_train_metrics_callback(), _ray_metrics_callback(loop_config["run_name"]),
+                 train_checkpoints.report_checkpoints_callback()]
     faults = FaultPlan(**loop_config.get("faults", {}))
     if faults.train_exit_at_step is not None:
         callbacks.append(train_checkpoints.fault_callback(faults))
@@ -344,6 +365,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             "labels": labels,
             "data_info": data_info,
             "faults": fault_plan.to_dict(),
+            "run_name": run_config.name,  # the tag of the worker's metrics
         },
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
         run_config=run_config,

@@ -11,6 +11,7 @@ from sentiment_ray.scoring.output import (
     Fragment,
     OutputState,
     fragment_name,
+    UnitCommits,
     UnitProgress,
     fragments_by_unit,
     open_score_output,
@@ -142,3 +143,17 @@ def test_fragments_are_grouped_by_the_unit_whose_rows_they_hold():
                  Fragment(1, 0, 10), Fragment(0, 50, 150)]  # the last spans two units: a unit of neither
     assert fragments_by_unit(units, fragments) == [
         [Fragment(0, 0, 100)], [Fragment(0, 100, 150), Fragment(0, 150, 200)], [Fragment(2, 0, 50)]]
+
+
+def test_a_unit_counts_as_committed_once_when_this_run_has_written_all_its_rows():
+    # Unit 0 had all its rows to score; unit 1 (a resume) only rows 150-200 and 250-300.
+    commits = UnitCommits({0: [WorkUnit(0, "/a", "a", 0, 100)],
+                           1: [WorkUnit(0, "/a", "a", 150, 200), WorkUnit(0, "/a", "a", 250, 300)]})
+    assert commits.add(0, Fragment(0, 0, 60)) is False
+    assert commits.add(1, Fragment(0, 250, 300)) is False  # one of its two gaps
+    assert commits.add(0, Fragment(0, 60, 100)) is True
+    assert commits.add(0, Fragment(0, 60, 100)) is False  # a retried write task writes it again: counted once
+    assert commits.add(1, Fragment(0, 150, 180)) is False
+    assert commits.add(1, Fragment(0, 160, 200)) is False  # retried with other block boundaries: no tiling yet
+    assert commits.add(1, Fragment(0, 180, 200)) is True
+    assert commits.add(7, Fragment(1, 0, 10)) is False  # not a unit of this run

@@ -39,6 +39,7 @@ from sentiment_ray.scoring.stages import (
     ReadSpec,
     ScoreStage,
     StageActivity,
+    ledger_name,
     run_ledger,
     unit_datasource,
 )
@@ -180,7 +181,7 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
 
     ensure_ray(cfg.ray)
     run_id = uuid.uuid4().hex
-    ledger = run_ledger(run_id)  # held by the driver: it lives as long as this run
+    ledger = run_ledger(run_id, output.folder.uri, pending)  # held by the driver: it lives as long as this run
     spec = ReadSpec(inputs.id_column, cfg.text_column, tuple(cfg.keep_columns), inputs.derived_ids,
                     cfg.skip_unreadable_files, inputs.schema, output.folder.uri)
     model_args = {"adapter": scoring_model.adapter, "weights_sha256": scoring_model.weights_sha256,
@@ -198,13 +199,13 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
         ScoreStage, fn_constructor_kwargs={
             **model_args, "max_batch_tokens": cfg.max_batch_tokens,
             "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor)), "run_id": run_id,
-            "threshold": scoring_model.threshold,
+            "threshold": scoring_model.threshold, "run": output.folder.uri,
             "files": inputs.paths, "unit_files": [u.file_index for u in plan.units], "faults": faults.to_dict()},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, resources=cfg.actor_resources or None,
         compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=cfg.batches_in_flight))
     sink = fragment_datasink(output.folder.uri, inputs.schema, {p.unit_index: p.unit for p in pending},
-                             plan.rows_per_unit)
+                             plan.rows_per_unit, ledger_name(run_id))
     try:
         # Writes reserve no CPU. Ray Data reserves CPUs for operators upstream first, so on a node whose CPUs the
         # actor pools hold, a write task that asked for a share waited until every read was done (seen on 3

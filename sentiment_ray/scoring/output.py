@@ -151,6 +151,29 @@ def unit_progress(unit: WorkUnit, fragments: list[Fragment]) -> UnitProgress:
     return UnitProgress(tuple(kept), tuple(gaps), tuple(f for f in own if f not in kept))
 
 
+class UnitCommits:
+    """Which of a run's pending units the fragments written so far complete (for the units-committed metric).
+
+    A unit counts once, when the fragments this run wrote tile every row range it had left to score; a write
+    task that Ray retried adds the same fragment again, or overlapping ones, which changes nothing here."""
+
+    def __init__(self, left: dict[int, list[WorkUnit]]):
+        self.left = {index: list(ranges) for index, ranges in left.items()}  # unit index -> row ranges to write
+        self.written: dict[int, list[Fragment]] = {}
+
+    def add(self, unit_index: int, fragment: Fragment) -> bool:
+        """Record a written fragment of the unit; True when it is the one that completes the unit."""
+        ranges = self.left.get(unit_index)
+        if ranges is None:  # counted already
+            return False
+        fragments = self.written.setdefault(unit_index, [])
+        fragments.append(fragment)
+        if any(tile(rows, fragments) is None for rows in ranges):
+            return False
+        del self.left[unit_index], self.written[unit_index]
+        return True
+
+
 class OutputState(Enum):
     FRESH = "fresh"
     UNFINISHED = "unfinished"

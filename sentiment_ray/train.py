@@ -328,17 +328,25 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from sentiment_ray import backends, faults
     from sentiment_ray.metadata import METADATA_FILE, read_metadata
     from sentiment_ray.ray_cluster import ensure_ray
-    from sentiment_ray.train_checkpoints import claim_run, run_identity
+    from sentiment_ray.storage import location
+    from sentiment_ray.train_checkpoints import check_finished_adapter, claim_run, run_identity
 
     # Every check on the output and the data before Ray starts: an hour of training must not end in a refusal.
     if not cfg.data.train.startswith("hf:"):
         refuse_overlap(cfg.output_dir, [cfg.data.train], "training data")
-    final = check_output_location_free(cfg.output_dir, cfg.overwrite, METADATA_FILE)
+    finished = cfg.resume_if_exists and location(cfg.output_dir).join(METADATA_FILE).is_file()
+    final = location(cfg.output_dir) if finished else check_output_location_free(cfg.output_dir, cfg.overwrite,
+                                                                                 METADATA_FILE)
     texts, labels, data_info = load_training_rows(cfg)
     print(f"[finetune] {len(texts)} training rows from {cfg.data.train} (fingerprint {data_info['fingerprint']})", flush=True)
     # Resolved on the driver: relative paths break in workers, and the embedded model is built once here.
     model = dataclasses.replace(cfg.model, name_or_path=backends.resolve_model_path(cfg.model.name_or_path))
     cfg = dataclasses.replace(cfg, model=model)
+    if finished:  # a rerun of a job that had finished: the same adapter, or a refusal naming what differs
+        metadata = check_finished_adapter(final, run_identity(cfg, data_info["fingerprint"]))
+        print(f"[finetune] {final} already holds the adapter this run trains ({metadata.metrics.get('steps')} "
+              "steps); nothing to train", flush=True)
+        return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": 0.0}
 
     ensure_ray(cfg.ray)
     resources = {"CPU": cfg.ray.cpus_per_worker}

@@ -82,7 +82,8 @@ def resolve_model(cfg: ScoreConfig) -> ScoringModel:
 
 
 def run_scoring(cfg: ScoreConfig) -> ScoreManifest:
-    """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume`); returns the manifest.
+    """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume` or `cfg.resume_if_exists`);
+    returns the manifest.
     One run at a time per local output (sentiment_ray/run_lock.py)."""
     with RunLock.for_output(cfg.output):
         return _score(cfg)
@@ -93,7 +94,7 @@ def _score(cfg: ScoreConfig) -> ScoreManifest:
     inputs = check_inputs(cfg)
     refuse_overlap(cfg.output, [cfg.input, *inputs.paths], "score input")
     scoring_model = resolve_model(cfg)
-    output = open_score_output(cfg.output, cfg.overwrite, cfg.resume)
+    output = open_score_output(cfg.output, cfg.overwrite, cfg.resume, cfg.resume_if_exists)
     plan = make_plan(cfg, inputs, scoring_model.identity, scoring_model.model, scoring_model.threshold)
     if output.state is OutputState.FINISHED:
         return _already_finished(output, plan)
@@ -139,7 +140,8 @@ def _start_or_resume(output: ScoreOutput, plan: ScorePlan) -> ScorePlan:
 
 
 def _already_finished(output: ScoreOutput, plan: ScorePlan) -> ScoreManifest:
-    """`--resume` on a finished output: nothing to score, if it was scored from these inputs and settings."""
+    """`--resume` (or `--resume-if-exists`) on a finished output: nothing to score, if it was scored from these
+    inputs and settings."""
     manifest = ScoreManifest.from_json(output.manifest_file.read_text(), output.folder.uri)
     recorded = manifest.plan_settings
     if recorded is None:

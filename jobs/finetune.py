@@ -1,6 +1,9 @@
 """Ray job entrypoint: `ray job submit --working-dir . -- python jobs/finetune.py --config configs/finetune/<name>.yaml ...`.
 
 Thin on purpose: parse the command line, call the library (the same code as `sentiment-ray finetune`).
+
+Where the job may be submitted again (a retried RayJob), pass `--resume-if-exists ray.run_name=<name>`: a
+rerun then resumes the named run from its last checkpoint, or reports the adapter it finished (docs/RESILIENCE.md).
 """
 
 import sys

@@ -1,6 +1,9 @@
 """Ray job entrypoint: `ray job submit --working-dir . -- python jobs/score.py --config configs/score/<name>.yaml ...`.
 
 Thin on purpose: parse the command line, call the library (the same code as `sentiment-ray score`).
+
+Where the job may be submitted again with the same arguments (a retried RayJob), pass `--resume-if-exists`:
+a rerun then finishes the earlier run's output instead of being refused (docs/RESILIENCE.md).
 """
 
 import sys

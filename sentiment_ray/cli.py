@@ -47,6 +47,8 @@ def _score_overrides(args) -> list[str]:
         overrides.append("overwrite=true")
     if getattr(args, "resume", False):
         overrides.append("resume=true")
+    if getattr(args, "resume_if_exists", False):
+        overrides.append("resume_if_exists=true")
     if getattr(args, "skip_unreadable_files", False):
         overrides.append("skip_unreadable_files=true")
     return overrides + list(args.overrides)
@@ -66,16 +68,30 @@ def _add_score_flags(parser: argparse.ArgumentParser, *, input_help: str) -> Non
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
-def cmd_finetune(args) -> int:
-    from sentiment_ray.train import run_finetune
-
+def _finetune_overrides(args) -> list[str]:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(_flag_override("output_dir", args.output_dir))
     if args.overwrite:
         overrides.append("overwrite=true")
-    cfg = load_config(FinetuneConfig, args.config, overrides)
-    result = run_finetune(cfg, command=args.command_line)
+    if args.resume_if_exists:
+        overrides.append("resume_if_exists=true")
+    return overrides
+
+
+def job_config(args) -> FinetuneConfig | ScoreConfig:
+    """The config a `finetune` or `score` command line runs with: its --config, flags and overrides. Also how
+    tests/test_cluster_files.py reads the KubeRay manifests' entrypoints."""
+    if args.command == "finetune":
+        return load_config(FinetuneConfig, args.config, _finetune_overrides(args))
+    threshold = [] if args.threshold is None else [f"threshold={args.threshold!r}"]
+    return load_config(ScoreConfig, args.config, _score_overrides(args) + threshold)
+
+
+def cmd_finetune(args) -> int:
+    from sentiment_ray.train import run_finetune
+
+    result = run_finetune(job_config(args), command=args.command_line)
     print(json.dumps({"adapter_dir": result["adapter_dir"], "metrics": result["metrics"]}, indent=2))
     return 0
 
@@ -83,9 +99,7 @@ def cmd_finetune(args) -> int:
 def cmd_score(args) -> int:
     from sentiment_ray.scoring import run_scoring
 
-    threshold = [] if args.threshold is None else [f"threshold={args.threshold!r}"]
-    cfg = load_config(ScoreConfig, args.config, _score_overrides(args) + threshold)
-    summary = run_scoring(cfg).to_dict()
+    summary = run_scoring(job_config(args)).to_dict()
     keys = ("output", "rows_in", "rows_out", "rows_scored", "rows_marked", "rows_skipped", "status_counts",
             "files_skipped", "units", "rows_scored_this_run", "rows_per_second")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
@@ -199,14 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="finetune config YAML (configs/finetune/...)")
     p.add_argument("--output-dir", help="where the adapter folder goes (overrides output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter folder")
+    p.add_argument("--resume-if-exists", action="store_true",
+                   help="for jobs that may be retried (needs ray.run_name): an adapter this run trained already in "
+                        "--output-dir is reported as it is; otherwise training resumes from the run's last checkpoint")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("score", help="score Parquet reviews with a Ray Data actor pool")
     _add_score_flags(p, input_help="Parquet file, folder or glob of reviews")
-    p.add_argument("--output", help="output folder (must not exist unless --resume or --overwrite)")
+    p.add_argument("--output", help="output folder (must not exist unless --resume, --resume-if-exists or --overwrite)")
     p.add_argument("--resume", action="store_true",
                    help="continue an earlier run into --output that stopped (crash, kill): committed work is kept")
+    p.add_argument("--resume-if-exists", action="store_true",
+                   help="for jobs that may be retried: --resume when an earlier run wrote into --output (a finished "
+                        "output is checked and left as it is), else start; refused if the inputs or settings "
+                        "differ from that run's")
     p.add_argument("--skip-unreadable-files", action="store_true",
                    help="skip (and report) Parquet files or row groups that cannot be read, instead of failing")
     p.add_argument("--threshold", type=float,

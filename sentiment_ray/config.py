@@ -181,6 +181,10 @@ class RayConfig:
 class FinetuneConfig:
     output_dir: str = ""
     overwrite: bool = False
+    # For a job that may run again with the same arguments (a retried RayJob): an adapter already in output_dir
+    # that this config and data trained is reported as it is; otherwise the run goes on from ray.run_name's
+    # latest checkpoint (which is why it needs ray.run_name). An adapter trained otherwise is refused.
+    resume_if_exists: bool = False
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     prompt: PromptSpec = field(default_factory=PromptSpec)
@@ -191,6 +195,12 @@ class FinetuneConfig:
     def validate(self) -> FinetuneConfig:
         _required("output_dir", self.output_dir)
         _required("data.train", self.data.train)
+        if self.resume_if_exists and self.overwrite:
+            raise ConfigError("pass either resume_if_exists (keep an adapter this run trained) or overwrite (train "
+                              "again and replace it), not both")
+        if self.resume_if_exists and not self.ray.run_name:
+            raise ConfigError("resume_if_exists needs ray.run_name: without it a rerun gets a new Ray Train run "
+                              "and trains from step 0 instead of resuming the earlier run's checkpoints")
         return self
 
 
@@ -201,6 +211,9 @@ class ScoreConfig:
     adapter: str | None = None  # a folder or URI written by finetune; None: zero-shot with model.name_or_path
     overwrite: bool = False  # replace an existing output (and drop an unfinished run's work)
     resume: bool = False  # continue an unfinished run into `output`, skipping its committed work units
+    # For a job that may run again with the same arguments (a retried RayJob): resume an earlier run's output
+    # (finished: checked and left as it is), or start one where there is none. Changed settings are refused.
+    resume_if_exists: bool = False
     # Rows per work unit: the grain of resume and of the output's files (about one file per unit;
     # docs/RESILIENCE.md). Small inputs are cut finer so that every scoring actor gets work.
     unit_rows: int = 10_000
@@ -254,8 +267,9 @@ class ScoreConfig:
         for name, amount in self.actor_resources.items():
             if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
                 raise ConfigError(f"actor_resources.{name} must be a number >= 0, got {amount!r}")
-        if self.resume and self.overwrite:
-            raise ConfigError("pass either resume (continue an earlier run) or overwrite (start over), not both")
+        if (self.resume or self.resume_if_exists) and self.overwrite:
+            raise ConfigError("pass either resume or resume_if_exists (continue an earlier run) or overwrite (start "
+                              "over), not both")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _choice("forward", self.forward, FORWARD_MODES)

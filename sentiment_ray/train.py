@@ -108,6 +108,26 @@ def _ray_train_metrics_callback():
     return RayTrainMetricsCallback()
 
 
+def _ray_metrics_callback(run: str):
+    """Step, loss and tokens/s as Ray metrics (sentiment_ray/metrics.py), at each Trainer log."""
+    from transformers import TrainerCallback
+
+    from sentiment_ray.metrics import FinetuneRecorder
+
+    recorder = FinetuneRecorder(run)
+
+    class RayMetricsCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            recorder.start(state.num_input_tokens_seen)  # a resumed run: the tokens its checkpoint had seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            recorder.record_log(state.global_step, loss if isinstance(loss, (int, float)) else None,
+                                state.num_input_tokens_seen)
+
+    return RayMetricsCallback()
+
+
 def _throughput_callback(timings: dict):
     from transformers import TrainerCallback
 
@@ -332,7 +352,8 @@ def train_worker(loop_config: dict) -> None:
     if restored is not None:
         print(f"[finetune] resuming from the checkpoint of step {train_checkpoints.checkpoint_step(restored)}",
               flush=True)
-    callbacks = [_ray_train_metrics_callback(), train_checkpoints.report_checkpoints_callback()]
+    callbacks = [_ray_train_metrics_callback(), _ray_metrics_callback(loop_config["run_name"]),
+                 train_checkpoints.report_checkpoints_callback()]
     faults = FaultPlan(**loop_config.get("faults", {}))
     if faults.train_exit_at_step is not None:
         callbacks.append(train_checkpoints.fault_callback(faults))
@@ -386,15 +407,23 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     from sentiment_ray import faults
     from sentiment_ray.metadata import METADATA_FILE, read_metadata
     from sentiment_ray.ray_cluster import ensure_ray
-    from sentiment_ray.train_checkpoints import claim_run, run_identity
+    from sentiment_ray.storage import location
+    from sentiment_ray.train_checkpoints import check_finished_adapter, claim_run, run_identity
 
     # Every check on the output and the data before Ray starts: an hour of training must not end in a refusal.
     if not cfg.data.train.startswith("hf:"):
         refuse_overlap(cfg.output_dir, [cfg.data.train], "training data")
-    final = check_output_location_free(cfg.output_dir, cfg.overwrite, METADATA_FILE)
+    finished = cfg.resume_if_exists and location(cfg.output_dir).join(METADATA_FILE).is_file()
+    final = location(cfg.output_dir) if finished else check_output_location_free(cfg.output_dir, cfg.overwrite,
+                                                                                 METADATA_FILE)
     texts, labels, data_info, held_out = load_rows(cfg)
     print(f"[finetune] {len(texts)} training rows from {cfg.data.train} (fingerprint {data_info['fingerprint']})", flush=True)
     cfg = dataclasses.replace(cfg, model=resolve_base_model(cfg.model))
+    if finished:  # a rerun of a job that had finished: the same adapter, or a refusal naming what differs
+        metadata = check_finished_adapter(final, run_identity(cfg, data_info["fingerprint"]))
+        print(f"[finetune] {final} already holds the adapter this run trains ({metadata.metrics.get('steps')} "
+              "steps); nothing to train", flush=True)
+        return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": 0.0}
 
     ensure_ray(cfg.ray)
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -424,6 +453,7 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
             "data_info": data_info,
             "command": command,
             "faults": fault_plan.to_dict(),
+            "run_name": run_config.name,  # the tag of the worker's metrics
         },
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
         run_config=run_config,

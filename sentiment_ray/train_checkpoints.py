@@ -18,8 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sentiment_ray.config import ConfigError, FinetuneConfig
+
+if TYPE_CHECKING:
+    from sentiment_ray.metadata import AdapterMetadata
+    from sentiment_ray.storage import Location
 
 RUN_IDENTITY_FILE = "sentiment_ray_run.json"
 # Settings that change how the run reports or how fast it goes, never what it computes.
@@ -62,6 +67,44 @@ def claim_run(storage_path: str, run_name: str, identity: dict) -> bool:
     run.makedirs()
     identity_file.write_bytes(json.dumps(identity, indent=2, sort_keys=True).encode())
     return False
+
+
+def recorded_identity(metadata: AdapterMetadata) -> dict | None:
+    """run_identity of the run that trained an adapter, from its metadata (AdapterMetadata); None when the
+    metadata does not hold it all (an adapter from an older release)."""
+    from sentiment_ray.config import LoraSettings, ModelConfig, TrainConfig, build_config
+
+    training = dict(metadata.training)
+    fingerprint = metadata.data.get("fingerprint")
+    if "model" not in training or not fingerprint:
+        return None
+    try:
+        recorded = FinetuneConfig(model=build_config(ModelConfig, training.pop("model")),
+                                  lora=build_config(LoraSettings, metadata.lora), prompt=metadata.prompt,
+                                  train=build_config(TrainConfig, training))
+    except ConfigError:  # settings this release no longer has, or no longer accepts
+        return None
+    return run_identity(recorded, fingerprint)
+
+
+def check_finished_adapter(final: Location, identity: dict) -> AdapterMetadata:
+    """The metadata of the adapter already in `final`, when the run described by `identity`
+    trained it: a rerun of a finished job reports it rather than training again. Anything else is refused
+    (OutputExistsError naming what differs): an adapter is never replaced without --overwrite."""
+    from sentiment_ray.metadata import read_metadata
+    from sentiment_ray.outputs import OutputExistsError
+
+    metadata = read_metadata(final)
+    recorded = recorded_identity(metadata)
+    if recorded is None:
+        raise OutputExistsError(f"output {final} holds an adapter whose metadata does not record all its training "
+                                "settings, so --resume-if-exists cannot check that this run trained it; pass "
+                                "--overwrite to train again, or choose a new output_dir")
+    differing = sorted(key for key in identity if recorded.get(key) != identity[key])
+    if differing:
+        raise OutputExistsError(f"output {final} holds an adapter trained with other {', '.join(differing)} than "
+                                "this run's; pass --overwrite to train again, or choose a new output_dir")
+    return metadata
 
 
 def report_checkpoints_callback():

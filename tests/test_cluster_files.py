@@ -277,3 +277,90 @@ def test_rayjob_mounts_shared_pvc(manifest):
         for container in pod["containers"]:
             mounts = {m["name"] for m in container.get("volumeMounts") or [] if m["mountPath"] == "/shared"}
             assert mounts & pvc_volumes, f"{path.name} {group}/{container['name']}: no PVC mounted at /shared"
+
+
+# ------------------------------------------------------------------------- retries and scaling (KubeRay)
+
+
+def _entrypoint_config(path: Path, data: dict):
+    """The typed config the manifest's entrypoint runs with, read by the CLI's own parser and loader (an unknown
+    flag or override fails here, as it would on the cluster)."""
+    from sentiment_ray.cli import build_parser, job_config
+
+    argv = shlex.split(data["spec"]["entrypoint"])
+    command = "finetune" if argv[1] == "jobs/finetune.py" else "score"
+    args = build_parser().parse_args([command, *argv[2:]])
+    args.config = str(REPO / args.config)  # relative to the job's working dir: the repository
+    return job_config(args)
+
+
+def _shared_paths(cluster_spec: dict) -> set[str]:
+    """Mount paths of a PVC in every container of the head and every worker group: what outlives a pod."""
+    shared = None
+    for _, pod in _containers(cluster_spec):
+        pvc_volumes = {v["name"] for v in pod.get("volumes") or [] if "persistentVolumeClaim" in v}
+        for container in pod["containers"]:
+            mounts = {m["mountPath"] for m in container.get("volumeMounts") or [] if m["name"] in pvc_volumes}
+            shared = mounts if shared is None else shared & mounts
+    return shared or set()
+
+
+def _outlives_the_cluster(path: str | None, shared: set[str]) -> bool:
+    if not path:
+        return False
+    if "://" in path:
+        return not path.startswith("file://")  # an object store
+    return any(Path(path).is_relative_to(mount) for mount in shared)
+
+
+def test_rayjob_worker_groups_are_fixed_or_autoscaled(manifest):
+    # maxReplicas above minReplicas does nothing without the autoscaler: the operator keeps `replicas` pods.
+    path, data = manifest
+    cluster_spec = data["spec"]["rayClusterSpec"]
+    for group in cluster_spec.get("workerGroupSpecs") or []:
+        name = group.get("groupName")
+        low, replicas, high = group.get("minReplicas", 0), group.get("replicas", 0), group.get("maxReplicas", 0)
+        assert low <= replicas <= high, f"{path.name} {name}: replicas {replicas} not in [{low}, {high}]"
+        if high > low:
+            assert cluster_spec.get("enableInTreeAutoscaling") is True, (
+                f"{path.name} {name}: maxReplicas {high} > minReplicas {low}, but enableInTreeAutoscaling is not "
+                "true: nothing would ever add a replica")
+
+
+def test_rayjob_is_retried_and_its_entrypoint_resumes(manifest):
+    """A retry (a new cluster, the same entrypoint) must finish the failed attempt's work, not be refused or start
+    over: --resume-if-exists, outputs on storage that outlives the cluster, and for finetuning a named run whose
+    checkpoints outlive it too."""
+    path, data = manifest
+    spec = data["spec"]
+    assert spec.get("backoffLimit", 0) >= 1, f"{path.name}: a preempted head or failed driver should be retried"
+    cfg = _entrypoint_config(path, data)
+    assert cfg.resume_if_exists, f"{path.name}: backoffLimit {spec['backoffLimit']} reruns the entrypoint, which " \
+                                 "needs --resume-if-exists to continue rather than be refused"
+    shared = _shared_paths(spec["rayClusterSpec"])
+    assert shared == {"/shared"}
+    if MANIFESTS[path] == "jobs/finetune.py":
+        assert cfg.ray.run_name, f"{path.name}: without ray.run_name a retry trains from step 0"
+        assert _outlives_the_cluster(cfg.ray.storage_path, shared), f"{path.name}: ray.storage_path " \
+            f"{cfg.ray.storage_path} is lost with the cluster, and the checkpoints a retry resumes from with it"
+        assert _outlives_the_cluster(cfg.output_dir, shared), f"{path.name}: output_dir {cfg.output_dir}"
+    else:
+        for what in ("output", "input", "adapter"):
+            assert _outlives_the_cluster(getattr(cfg, what), shared), f"{path.name}: {what} {getattr(cfg, what)}"
+
+
+def test_score_rayjob_pool_matches_the_gpus():
+    """The scoring actor pool has a fixed size: more actors than GPUs wait for GPUs that never come, fewer
+    leave GPUs idle. (The finetune job trains on one GPU worker: test_rayjob_gpu_worker_group.)"""
+    path = CLUSTER / "kuberay" / "score-rayjob.yaml"
+    data = _load_yaml(path)
+    cfg = _entrypoint_config(path, data)
+    cluster_spec = data["spec"]["rayClusterSpec"]
+    autoscaled = cluster_spec.get("enableInTreeAutoscaling") is True
+    gpus = sum((group["maxReplicas"] if autoscaled else group["replicas"])
+               * max(map(_gpu_limit, group["template"]["spec"]["containers"]))
+               for group in cluster_spec.get("workerGroupSpecs") or [])
+    wanted = cfg.pool_size * cfg.num_gpus_per_actor
+    assert (wanted == gpus) if not autoscaled else (0 < wanted <= gpus), (
+        f"{path.name}: pool_size {cfg.pool_size} x num_gpus_per_actor {cfg.num_gpus_per_actor} GPUs for a cluster "
+        f"of {gpus}: set --pool-size to the GPU workers' count")

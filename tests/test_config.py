@@ -52,6 +52,10 @@ def _write(tmp_path, text):
     ("output_dir: a\ndata: {train: x}\n", ["train.checkpoint_steps=-1"], r"train\.checkpoint_steps must be >= 0"),
     ("output_dir: a\ndata: {train: x}\n", ["ray.max_failures=-2"], r"ray\.max_failures must be >= -1"),
     ("output_dir: a\ndata: {train: x}\n", ["ray.checkpoints_to_keep=0"], r"ray\.checkpoints_to_keep must be > 0"),
+    ("output_dir: a\ndata: {train: x}\n", ["resume_if_exists=true"],
+     r"c\.yaml: resume_if_exists needs ray\.run_name: without it a rerun gets a new Ray Train run"),
+    ("output_dir: a\ndata: {train: x}\nray: {run_name: r}\n", ["resume_if_exists=true", "overwrite=true"],
+     r"either resume_if_exists .* or overwrite .*, not both"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, yaml_text, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -89,3 +93,9 @@ def test_id_column_is_unset_unless_named(tmp_path):
         == "review_id"
     with pytest.raises(ConfigError, match="id_column must be a string"):
         load_config(ScoreConfig, None, ["input=x", "output=y", "id_column=[a]"])
+
+
+def test_score_resume_if_exists_excludes_overwrite():
+    assert load_config(ScoreConfig, None, ["input=x", "output=y", "resume_if_exists=true"]).resume_if_exists
+    with pytest.raises(ConfigError, match=r"^pass either resume or resume_if_exists .* or overwrite .*, not both$"):
+        load_config(ScoreConfig, None, ["input=x", "output=y", "resume_if_exists=true", "overwrite=true"])

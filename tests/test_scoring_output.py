@@ -11,6 +11,7 @@ from sentiment_ray.scoring.output import (
     Fragment,
     OutputState,
     fragment_name,
+    UnitCommits,
     UnitProgress,
     fragments_by_unit,
     open_score_output,
@@ -63,8 +64,46 @@ def test_a_finished_output_is_checked_with_resume_and_replaced_with_overwrite(tm
     assert not out.exists() or not list(out.iterdir())
 
 
+def test_resume_if_exists_resumes_what_an_earlier_run_left_and_starts_where_it_left_nothing(tmp_path):
+    def state(out):
+        return open_score_output(str(out), overwrite=False, resume=False, resume_if_exists=True).state
+
+    assert state(tmp_path / "new") is OutputState.FRESH
+    (tmp_path / "empty").mkdir()
+    assert state(tmp_path / "empty") is OutputState.FRESH
+    # Killed while writing its plan: only the hidden temporary file of that write is there. A retry starts
+    # afresh; --resume, which says there is an earlier run to continue, refuses.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / f".{PLAN_FILE}.tmp-0123abcd").write_text("{")
+    assert state(killed) is OutputState.FRESH
+    with pytest.raises(OutputExistsError, match="there is nothing to resume"):
+        open_score_output(str(killed), overwrite=False, resume=True)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / PLAN_FILE).write_text("{}")
+    (unfinished / PART).write_text("x")
+    assert state(unfinished) is OutputState.UNFINISHED
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / PART).write_text("x")
+    (finished / MANIFEST_FILE).write_text("{}")
+    assert state(finished) is OutputState.FINISHED
+    # Fragments whose plan is gone cannot be checked against this run: refused, as with --resume.
+    orphans = tmp_path / "orphans"
+    orphans.mkdir()
+    (orphans / PART).write_text("x")
+    with pytest.raises(OutputExistsError, match="there is nothing to resume; choose a new path or pass --overwrite"):
+        state(orphans)
+    with pytest.raises(OutputExistsError, match="not both"):
+        open_score_output(str(finished), overwrite=True, resume=False, resume_if_exists=True)
+    assert _contents(unfinished) == {PLAN_FILE: b"{}", PART: b"x"}  # opening changes nothing
+    assert _contents(finished) == {PART: b"x", MANIFEST_FILE: b"{}"}
+
+
 @pytest.mark.parametrize("flags", [dict(overwrite=True, resume=False), dict(overwrite=False, resume=True),
-                                   dict(overwrite=False, resume=False)])
+                                   dict(overwrite=False, resume=False),
+                                   dict(overwrite=False, resume=False, resume_if_exists=True)])
 def test_a_folder_of_other_things_is_refused_whatever_the_flags(tmp_path, flags):
     out = foreign_folder(tmp_path / "out")
     before = _contents(out)
@@ -142,3 +181,17 @@ def test_fragments_are_grouped_by_the_unit_whose_rows_they_hold():
                  Fragment(1, 0, 10), Fragment(0, 50, 150)]  # the last spans two units: a unit of neither
     assert fragments_by_unit(units, fragments) == [
         [Fragment(0, 0, 100)], [Fragment(0, 100, 150), Fragment(0, 150, 200)], [Fragment(2, 0, 50)]]
+
+
+def test_a_unit_counts_as_committed_once_when_this_run_has_written_all_its_rows():
+    # Unit 0 had all its rows to score; unit 1 (a resume) only rows 150-200 and 250-300.
+    commits = UnitCommits({0: [WorkUnit(0, "/a", "a", 0, 100)],
+                           1: [WorkUnit(0, "/a", "a", 150, 200), WorkUnit(0, "/a", "a", 250, 300)]})
+    assert commits.add(0, Fragment(0, 0, 60)) is False
+    assert commits.add(1, Fragment(0, 250, 300)) is False  # one of its two gaps
+    assert commits.add(0, Fragment(0, 60, 100)) is True
+    assert commits.add(0, Fragment(0, 60, 100)) is False  # a retried write task writes it again: counted once
+    assert commits.add(1, Fragment(0, 150, 180)) is False
+    assert commits.add(1, Fragment(0, 160, 200)) is False  # retried with other block boundaries: no tiling yet
+    assert commits.add(1, Fragment(0, 180, 200)) is True
+    assert commits.add(7, Fragment(1, 0, 10)) is False  # not a unit of this run

@@ -327,3 +327,56 @@ def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(ra
                              text=True, cwd=REPO_ROOT, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_as_reference(out, reference)
+
+
+def test_a_job_run_again_with_resume_if_exists_finishes_the_first_runs_work(ray_session, random_adapter, tmp_path,
+                                                                            monkeypatch, capsys):
+    """What a retried RayJob does: the same `score` command line, run again after the first run died, finishes
+    that run's work; run once more on the finished output, it reports it; with other settings, it is refused."""
+    from sentiment_ray.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    texts, _ = synthetic_reviews(400, seed=4)
+    for part in range(2):
+        write_reviews(folder / f"part-{part}.parquet", texts[part * 200:(part + 1) * 200],
+                      ids=[f"p{part}-{i}" for i in range(200)])
+    out = tmp_path / "scored"
+    command = ["score", "--config", str(REPO_ROOT / "configs" / "score" / "tiny_test.yaml"), "--adapter",
+               str(random_adapter), "--input", str(folder), "--output", str(out), "--resume-if-exists",
+               "model.dtype=float32", "unit_rows=64"]
+
+    def driver_dies_before_commit(*args, **kwargs):
+        raise KeyboardInterrupt("driver gone")
+
+    monkeypatch.setattr(job, "check_committed", driver_dies_before_commit)
+    assert main(command) == 130  # the first run: nothing there yet, so it starts; then its driver dies
+    monkeypatch.undo()
+    first = {r["id"]: r["score"] for r in pq.read_table(out, columns=["id", "score"]).to_pylist()}
+    assert len(first) == 400 and not (out / MANIFEST_FILE).exists()
+    units = ScorePlan.from_json((out / PLAN_FILE).read_text()).units
+    assert [(u.file_index, u.start, u.stop) for u in units] == [
+        (file, start, min(start + 64, 200)) for file in (0, 1) for start in (0, 64, 128, 192)]
+    for fragment in _fragments(out):  # as if the driver had died with the first file's units in flight
+        if fragment.file_index == 0:
+            (out / fragment.name).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    capsys.readouterr()
+
+    assert main(command) == 0  # the retry: the same command line
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["units"]["committed_before_this_run"], summary["units"]["scored_this_run"]) == (4, 4)
+    assert summary["rows_scored_this_run"] == 200 and summary["rows_out"] == summary["rows_in"] == 400
+    table = pq.read_table(out, columns=["id", "score"])
+    assert_same_rows(dict(zip(table.column("id").to_pylist(), table.column("score").to_pylist())), first)
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # the second file was not rescored
+
+    finished = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(command) == 0  # once more, on the finished output: reported, nothing scored or rewritten
+    again = json.loads(capsys.readouterr().out)
+    assert (again["rows_out"], again["units"]["scored_this_run"]) == (400, 4)  # the manifest's, as written
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == finished
+
+    assert main([*command, "--keep-columns", "text"]) == 2  # other settings: never overwritten silently
+    assert "is complete, but it was scored from other keep_columns" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == finished

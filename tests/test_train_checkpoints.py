@@ -2,6 +2,7 @@
 the planned steps from the latest checkpoint and train the same adapter as a run that was never interrupted."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 from sentiment_ray.config import FinetuneConfig, load_config
 from sentiment_ray.faults import MARKER, TRAIN_EXIT_AT_STEP
 from sentiment_ray.metadata import read_metadata
+from sentiment_ray.outputs import OutputExistsError
 from sentiment_ray.train import run_finetune
 from sentiment_ray.train_checkpoints import ResumeMismatchError, claim_run, run_identity
 from tests.conftest import REPO_ROOT
@@ -71,7 +73,9 @@ def test_worker_killed_mid_training_is_restarted_from_the_last_checkpoint(
 
 def test_rerun_after_the_job_failed_resumes_the_same_run(
         ray_session, tiny_model_dir, synthetic_train_file, tmp_path, monkeypatch, uninterrupted):
-    cfg = _config(tiny_model_dir, synthetic_train_file, tmp_path, "rerun", "ray.max_failures=0")
+    # As the KubeRay manifest runs it: a named run with --resume-if-exists, so a retry is the same command line.
+    cfg = _config(tiny_model_dir, synthetic_train_file, tmp_path, "rerun", "ray.max_failures=0",
+                  "resume_if_exists=true")
     monkeypatch.setenv(TRAIN_EXIT_AT_STEP, str(EXIT_AT_STEP))
     monkeypatch.setenv(MARKER, str(tmp_path / "fault-marker"))
     with pytest.raises(Exception):  # noqa: B017 - Ray Train's error type for a dead worker varies by version
@@ -83,6 +87,25 @@ def test_rerun_after_the_job_failed_resumes_the_same_run(
     assert result["metrics"]["resumed_from_step"] == CHECKPOINT_STEPS
     assert result["metrics"]["steps"] == PLANNED_STEPS
     _assert_same_adapter(result, uninterrupted)
+
+    # Run once more (the job retried after it had finished): the adapter is reported, nothing is trained.
+    from sentiment_ray import ray_cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was joined: a finished adapter must be reported without training")
+
+    monkeypatch.setattr(ray_cluster, "ensure_ray", refuse)
+    weights = Path(result["adapter_dir"], "adapter_model.safetensors")
+    written = weights.stat().st_mtime_ns
+    again = run_finetune(cfg)
+    assert (again["adapter_dir"], again["metrics"]) == (result["adapter_dir"], result["metrics"])
+    assert weights.stat().st_mtime_ns == written
+    # With other settings the adapter there is not this run's: refused, never replaced.
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=0.001))
+    with pytest.raises(OutputExistsError, match=r"holds an adapter trained with other train than this run's; "
+                                                r"pass --overwrite"):
+        run_finetune(other)
+    assert weights.stat().st_mtime_ns == written
 
 
 def test_rerun_with_other_settings_is_refused_before_training(ray_session, tiny_model_dir, synthetic_train_file,
@@ -113,3 +136,14 @@ def test_reporting_and_speed_settings_do_not_change_the_identity(tmp_path, tiny_
     assert run_identity(cfg, "f") == run_identity(named, "f")
     other = _config(tiny_model_dir, synthetic_train_file, tmp_path, "same", "lora.r=4")
     assert run_identity(cfg, "f") != run_identity(other, "f")
+
+
+def test_the_identity_recorded_in_an_adapter_is_the_one_of_the_run_that_trained_it(uninterrupted):
+    from sentiment_ray.train_checkpoints import recorded_identity
+
+    metadata = read_metadata(uninterrupted["adapter_dir"])
+    cfg = uninterrupted["config"]
+    model = dataclasses.replace(cfg.model, name_or_path=metadata.base_model)  # resolved by the driver
+    assert recorded_identity(metadata) == run_identity(dataclasses.replace(cfg, model=model),
+                                                       metadata.data["fingerprint"])
+    assert recorded_identity(dataclasses.replace(metadata, training={})) is None  # an older adapter

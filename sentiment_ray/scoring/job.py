@@ -39,6 +39,7 @@ from sentiment_ray.scoring.stages import (
     ReadSpec,
     ScoreStage,
     StageActivity,
+    ledger_name,
     run_ledger,
     unit_datasource,
 )
@@ -81,7 +82,8 @@ def resolve_model(cfg: ScoreConfig) -> ScoringModel:
 
 
 def run_scoring(cfg: ScoreConfig) -> ScoreManifest:
-    """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume`); returns the manifest.
+    """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume` or `cfg.resume_if_exists`);
+    returns the manifest.
     One run at a time per local output (sentiment_ray/run_lock.py)."""
     with RunLock.for_output(cfg.output):
         return _score(cfg)
@@ -92,7 +94,7 @@ def _score(cfg: ScoreConfig) -> ScoreManifest:
     inputs = check_inputs(cfg)
     refuse_overlap(cfg.output, [cfg.input, *inputs.paths], "score input")
     scoring_model = resolve_model(cfg)
-    output = open_score_output(cfg.output, cfg.overwrite, cfg.resume)
+    output = open_score_output(cfg.output, cfg.overwrite, cfg.resume, cfg.resume_if_exists)
     plan = make_plan(cfg, inputs, scoring_model.identity, scoring_model.model, scoring_model.threshold)
     if output.state is OutputState.FINISHED:
         return _already_finished(output, plan)
@@ -138,7 +140,8 @@ def _start_or_resume(output: ScoreOutput, plan: ScorePlan) -> ScorePlan:
 
 
 def _already_finished(output: ScoreOutput, plan: ScorePlan) -> ScoreManifest:
-    """`--resume` on a finished output: nothing to score, if it was scored from these inputs and settings."""
+    """`--resume` (or `--resume-if-exists`) on a finished output: nothing to score, if it was scored from these
+    inputs and settings."""
     manifest = ScoreManifest.from_json(output.manifest_file.read_text(), output.folder.uri)
     recorded = manifest.plan_settings
     if recorded is None:
@@ -180,7 +183,7 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
 
     ensure_ray(cfg.ray)
     run_id = uuid.uuid4().hex
-    ledger = run_ledger(run_id)  # held by the driver: it lives as long as this run
+    ledger = run_ledger(run_id, output.folder.uri, pending)  # held by the driver: it lives as long as this run
     spec = ReadSpec(inputs.id_column, cfg.text_column, tuple(cfg.keep_columns), inputs.derived_ids,
                     cfg.skip_unreadable_files, inputs.schema, output.folder.uri)
     model_args = {"adapter": scoring_model.adapter, "weights_sha256": scoring_model.weights_sha256,
@@ -198,13 +201,13 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
         ScoreStage, fn_constructor_kwargs={
             **model_args, "max_batch_tokens": cfg.max_batch_tokens,
             "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor)), "run_id": run_id,
-            "threshold": scoring_model.threshold, "forward": cfg.forward,
+            "threshold": scoring_model.threshold, "forward": cfg.forward, "run": output.folder.uri,
             "files": inputs.paths, "unit_files": [u.file_index for u in plan.units], "faults": faults.to_dict()},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, resources=cfg.actor_resources or None,
         compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=cfg.batches_in_flight))
     sink = fragment_datasink(output.folder.uri, inputs.schema, {p.unit_index: p.unit for p in pending},
-                             plan.rows_per_unit)
+                             plan.rows_per_unit, ledger_name(run_id))
     try:
         # Writes reserve no CPU. Ray Data reserves CPUs for operators upstream first, so on a node whose CPUs the
         # actor pools hold, a write task that asked for a share waited until every read was done (seen on 3

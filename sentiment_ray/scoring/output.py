@@ -12,6 +12,9 @@ What may be done with an existing folder (the rules of sentiment_ray/outputs.py,
 - holding the manifest (a finished run): `--resume` checks it against this run's plan and leaves it as it is;
   `--overwrite` replaces it;
 - holding a plan but no manifest (an unfinished run): `--resume` continues it; `--overwrite` starts over;
+- `--resume-if-exists`, for a job that may be run again with the same arguments (a retried RayJob): `--resume`
+  where an earlier run left its plan or manifest, a fresh run where it left nothing (as `--resume` does too);
+  the settings are checked as with `--resume`, so a changed input or setting is still refused;
 - holding anything else: refused whatever the flags; it was not written by this tool.
 """
 
@@ -151,6 +154,29 @@ def unit_progress(unit: WorkUnit, fragments: list[Fragment]) -> UnitProgress:
     return UnitProgress(tuple(kept), tuple(gaps), tuple(f for f in own if f not in kept))
 
 
+class UnitCommits:
+    """Which of a run's pending units the fragments written so far complete (for the units-committed metric).
+
+    A unit counts once, when the fragments this run wrote tile every row range it had left to score; a write
+    task that Ray retried adds the same fragment again, or overlapping ones, which changes nothing here."""
+
+    def __init__(self, left: dict[int, list[WorkUnit]]):
+        self.left = {index: list(ranges) for index, ranges in left.items()}  # unit index -> row ranges to write
+        self.written: dict[int, list[Fragment]] = {}
+
+    def add(self, unit_index: int, fragment: Fragment) -> bool:
+        """Record a written fragment of the unit; True when it is the one that completes the unit."""
+        ranges = self.left.get(unit_index)
+        if ranges is None:  # counted already
+            return False
+        fragments = self.written.setdefault(unit_index, [])
+        fragments.append(fragment)
+        if any(tile(rows, fragments) is None for rows in ranges):
+            return False
+        del self.left[unit_index], self.written[unit_index]
+        return True
+
+
 class OutputState(Enum):
     FRESH = "fresh"
     UNFINISHED = "unfinished"
@@ -205,10 +231,16 @@ def _check_writable(folder: Location) -> None:
         raise OutputNotWritableError(f"output {folder}: cannot write there ({exc}); choose a writable location") from None
 
 
-def open_score_output(output: str, overwrite: bool, resume: bool) -> ScoreOutput:
-    """Decide what this run may do with `output` (see the module's doc); refusals name the flag to pass."""
-    if overwrite and resume:
-        raise OutputExistsError("pass either --resume (continue an earlier run) or --overwrite (start over), not both")
+def open_score_output(output: str, overwrite: bool, resume: bool, resume_if_exists: bool = False) -> ScoreOutput:
+    """Decide what this run may do with `output` (see the module's doc); refusals name the flag to pass.
+
+    `resume_if_exists` (for retried jobs): `resume` on an earlier run's output, a fresh run where there is none,
+    also where a run was killed before its plan was written, leaving only a hidden temporary file."""
+    if overwrite and (resume or resume_if_exists):
+        raise OutputExistsError("pass either --resume or --resume-if-exists (continue an earlier run) or "
+                                "--overwrite (start over), not both")
+    if resume_if_exists:
+        resume = True
     if "://" not in str(output):
         resolve_output(output)  # the home folder, a filesystem root: never
     folder = location(output)
@@ -231,7 +263,10 @@ def open_score_output(output: str, overwrite: bool, resume: bool) -> ScoreOutput
             return ScoreOutput(folder, OutputState.UNFINISHED)
         raise OutputExistsError(f"an earlier run into {folder} stopped before finishing (its committed work is kept "
                                 "there); pass --resume to continue it or --overwrite to start over")
-    if resume and folder.children():
+    # Hidden names are temporary files of our own writes (storage.Location.write_with): what a kill between a
+    # write and its rename leaves. A retry may start afresh beside them; a deliberate --resume names the path wrongly.
+    leftovers = [c for c in folder.children() if not (resume_if_exists and c.name.startswith("."))]
+    if resume and leftovers:
         raise OutputExistsError(f"output {folder} holds no {MANIFEST_FILE} or {PLAN_FILE}: there is nothing to "
                                 "resume; choose a new path or pass --overwrite")
     return ScoreOutput(folder, OutputState.FRESH)

@@ -15,6 +15,7 @@ come from the footers. Only then does the job write the manifest, last.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from sentiment_ray.work_units import WorkUnit
 COUNTS_KEY = b"sentiment_ray"
 OK_STATUS = "ok"
 FOOTER_READERS = 16
+LEDGER_TIMEOUT_S = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 def fragment_counts(table: pa.Table) -> dict:
@@ -40,7 +44,10 @@ def fragment_counts(table: pa.Table) -> dict:
             "adapter": table.column("adapter")[0].as_py() if table.num_rows else None}
 
 
-def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkUnit], rows_per_write: int):
+def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkUnit], rows_per_write: int,
+                      ledger: str | None = None):
+    """`ledger`: the name of the run's RunLedger, told which fragments each write task wrote (for the
+    units-committed metric); None: told nothing."""
     from ray.data.block import BlockAccessor
     from ray.data.datasource import Datasink
 
@@ -61,7 +68,7 @@ def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkU
             if not tables:
                 return []
             table = pa.concat_tables(tables)
-            written = []
+            written, reported = [], []
             for unit_index in pc.unique(table.column(UNIT_COLUMN)).to_pylist():
                 part = table.filter(pc.equal(table.column(UNIT_COLUMN), unit_index))
                 part = part.sort_by(ROW_COLUMN)
@@ -75,6 +82,8 @@ def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkU
                     data = data.replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()})
                     folder.join(fragment.name).write_with(lambda stream, d=data: pq.write_table(d, stream))
                     written.append({"fragment": fragment.name, **counts})
+                    reported.append((unit_index, fragment.file_index, fragment.start, fragment.stop))
+            _tell_ledger(ledger, reported)
             return written
 
         def on_write_complete(self, write_result) -> None:
@@ -84,6 +93,19 @@ def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkU
             return "ScoredFragments"
 
     return FragmentDatasink()
+
+
+def _tell_ledger(ledger: str | None, fragments: list[tuple[int, int, int, int]]) -> None:
+    """Waited for (one round trip per write task), so that the ledger has counted every unit by the time the
+    writes are done and the driver lets it go; a failure only costs the metric, never the write."""
+    if not ledger or not fragments:
+        return
+    try:
+        import ray
+
+        ray.get(ray.get_actor(ledger).fragments_written.remote(fragments), timeout=LEDGER_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - the ledger gone (its driver died) or slow: the rows are written anyway
+        logger.debug("could not tell the run ledger %s about %d fragment(s)", ledger, len(fragments), exc_info=True)
 
 
 @dataclass

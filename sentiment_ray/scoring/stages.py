@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from sentiment_ray.data import InputError, one_line, unvalidated_type
 from sentiment_ray.faults import FaultPlan
+from sentiment_ray.metrics import ScoreStageRecorder
 from sentiment_ray.work_units import WorkUnit, derived_ids, read_unit
 
 logger = logging.getLogger(__name__)
@@ -179,12 +180,21 @@ class StageActivity:
 class RunLedger:
     """A small actor of one driver run. It counts how often scoring a batch was started and not finished: within
     one run a batch is started again only after the actor scoring it died; it dies with the driver, so a killed
-    driver's attempts never count against a batch. And it adds up the score stage's busy time (StageActivity)."""
+    driver's attempts never count against a batch. It adds up the score stage's busy time (StageActivity). And
+    it hears from the sink which fragments were written, to count the units completed (the units-committed
+    metric, tagged with `run`): no write task sees all of a unit's fragments, the ledger does."""
 
-    def __init__(self):
+    def __init__(self, run: str | None = None, pending: list[PendingRows] = ()):
+        from sentiment_ray.scoring.output import UnitCommits
+
         self.open: dict[tuple[int, int], int] = {}
         self.actors: dict[str, list[float]] = {}  # actor -> [first batch start, last batch end, busy seconds]
         self.batches = 0
+        self.run = run
+        left: dict[int, list[WorkUnit]] = {}
+        for rows in pending:
+            left.setdefault(rows.unit_index, []).append(rows.rows)
+        self.commits = UnitCommits(left)
 
     def begin(self, key: tuple[int, int]) -> int:
         self.open[key] = self.open.get(key, 0) + 1
@@ -199,6 +209,15 @@ class RunLedger:
             span[3] = max(span[3], capture_seconds)  # the actor's running total
             self.batches += 1
 
+    def fragments_written(self, fragments: list[tuple[int, int, int, int]]) -> None:
+        """(unit index, file index, first row, end row) of fragments a write task wrote."""
+        from sentiment_ray.metrics import record_units_committed
+        from sentiment_ray.scoring.output import Fragment
+
+        completed = sum(self.commits.add(unit, Fragment(file, start, stop)) for unit, file, start, stop in fragments)
+        if self.run is not None:
+            record_units_committed(self.run, completed)
+
     def activity(self) -> StageActivity:
         busy = sum(s[2] for s in self.actors.values())
         active = sum(s[1] - s[0] for s in self.actors.values())
@@ -207,7 +226,12 @@ class RunLedger:
                              round(sum(s[3] for s in self.actors.values()), 3))
 
 
-def run_ledger(run_id: str):
+def ledger_name(run_id: str) -> str:
+    return f"sentiment-ray-ledger-{run_id}"
+
+
+def run_ledger(run_id: str, run: str | None = None, pending: list[PendingRows] = ()):
+    """The ledger of driver run `run_id`; `run` tags its metrics, `pending` are the rows the run has to write."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -215,8 +239,8 @@ def run_ledger(run_id: str):
     # very failure the ledger is there for) would take it along and fail every scoring actor that asks it.
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(num_cpus=0)(RunLedger).options(
-        name=f"sentiment-ray-ledger-{run_id}", get_if_exists=True, lifetime=None,
-        scheduling_strategy=driver_node).remote()
+        name=ledger_name(run_id), get_if_exists=True, lifetime=None,
+        scheduling_strategy=driver_node).remote(run, list(pending))
 
 
 def _token_rows(column: pa.ChunkedArray) -> list[np.ndarray]:
@@ -234,7 +258,8 @@ class ScoreStage:
 
     def __init__(self, adapter: str | None, weights_sha256: str | None, model: dict, prompt: dict,
                  max_batch_tokens: int | None, torch_threads: int | None, run_id: str, files: list[str],
-                 unit_files: list[int], faults: dict | None = None, threshold: float = 0.5, forward: str = "eager"):
+                 unit_files: list[int], faults: dict | None = None, threshold: float = 0.5, forward: str = "eager",
+                 run: str = ""):
         import ray
         import torch
 
@@ -246,13 +271,14 @@ class ScoreStage:
             torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the reserved CPUs; say it explicitly
         self.scorer = SentimentScorer.load(adapter, ScoringModelConfig(**model), PromptSpec.from_dict(prompt),
                                            max_batch_tokens, weights_sha256=weights_sha256, forward=forward)
-        self.ledger = ray.get_actor(f"sentiment-ray-ledger-{run_id}")
+        self.ledger = ray.get_actor(ledger_name(run_id))
         self.actor_name = f"{ray.get_runtime_context().get_node_id()[:12]}-{os.getpid()}"
         self.files, self.unit_files = files, unit_files  # to name the rows of a batch that keeps killing its actor
         self.faults = FaultPlan(**(faults or {}))
         self.threshold = threshold
         self.batches_done = self.rows_done = 0
         self.started = self.last_report = time.perf_counter()
+        self.metrics = ScoreStageRecorder(run)  # `run`: the output's URI, the tag of the job's metrics
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
@@ -285,7 +311,9 @@ class ScoreStage:
         out = out.append_column("status", pa.array(statuses, pa.string()))
         out = out.append_column("adapter", pa.array([self.scorer.identity] * batch.num_rows, pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
-        self.ledger.end.remote(key, self.actor_name, started, time.perf_counter(), self.scorer.capture_seconds)
+        ended = time.perf_counter()
+        self.ledger.end.remote(key, self.actor_name, started, ended, self.scorer.capture_seconds)
+        self.metrics.record_batch(statuses, started, ended)
         self.batches_done += 1
         self._report_progress(batch.num_rows)
         self.faults.maybe_exit(self.batches_done)

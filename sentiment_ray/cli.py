@@ -180,7 +180,7 @@ def cmd_excerpts(args) -> int:
 def cmd_demo(args) -> int:
     from sentiment_ray.demo import run_demo
 
-    run_demo(args.output_dir, train_rows=args.train_rows, eval_rows=args.eval_rows)
+    run_demo(args.output_dir, train_rows=args.train_rows, eval_rows=args.eval_rows, console_level=args.log_level)
     return 0
 
 

@@ -35,11 +35,18 @@ def test_the_rate_leaves_out_the_start_up_before_the_first_rows():
     clock.now += 60  # the actors load the model: nothing scored
     assert "no rows finished yet" in reporter.report()
     clock.now += 30
-    done[0] = 100  # first rows: the only rate there is, over the whole run (100 rows in 90 s)
-    assert reporter.report() == "scored 100 of 1,000 rows (10%) in 1 min 30 s, 1.1 rows/s, about 13 min 30 s left"
+    done[0] = 100  # counted from the last report without rows: 100 rows in 30 s, not in 90
+    assert reporter.report() == "scored 100 of 1,000 rows (10%) in 1 min 30 s, 3.3 rows/s, about 4 min 30 s left"
     clock.now += 30
-    done[0] = 400  # from here on, measured from the first rows: 300 rows in 30 s
-    assert reporter.report() == "scored 400 of 1,000 rows (40%) in 2 min 00 s, 10.0 rows/s, about 1 min 00 s left"
+    done[0] = 400
+    assert reporter.report() == "scored 400 of 1,000 rows (40%) in 2 min 00 s, 6.7 rows/s, about 1 min 30 s left"
+
+
+def test_rows_before_the_first_report_count_from_the_start():
+    clock = FakeClock()
+    reporter = ProgressReporter(lambda: 300, total=300, clock=clock)
+    clock.now += 30
+    assert reporter.report() == "scored 300 of 300 rows (100%) in 30 s, 10.0 rows/s, about 0 s left"
 
 
 def test_the_thread_logs_lines_until_the_run_ends_and_survives_a_failing_count(caplog):

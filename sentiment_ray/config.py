@@ -226,9 +226,13 @@ class ScoreConfig:
     # label/label_id are positive when score >= threshold. None: the threshold stored with the adapter
     # (`threshold` in sentiment_ray.json), else 0.5. `evaluate` reports the best one on a labeled set.
     threshold: float | None = None
-    batch_size: int = 32  # rows per Ray Data batch of the prepare (tokenize) and score stages
-    # None: one forward pass per batch. A number: each batch is sorted by length and cut into forward passes
-    # of at most this many padded tokens (less padding; bounded activation memory).
+    # Rows per batch that a tokenizing (prepare) actor and then a scoring actor are handed (Ray Data's map_batches
+    # batch_size: a batch can be smaller where the rows of the blocks sent to an actor run out). It also sizes
+    # the read tasks' blocks (4 x batch_size rows), and the rows per work unit are rounded up to a multiple of it.
+    batch_size: int = 32
+    # How the scoring actor cuts a batch into forward passes. None: one forward per batch, padded to its longest
+    # row. A number: the batch's rows sorted by length and grouped so that rows x longest row <= this many padded
+    # tokens per forward (less padding; bounded activation memory).
     max_batch_tokens: int | None = None
     # How the scoring actor runs its forwards: `eager` (length-sorted groups within max_batch_tokens),
     # `static_shapes` (the groups padded to a few fixed shapes, forward_shapes.py), `cuda_graphs` (static shapes,

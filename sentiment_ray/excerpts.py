@@ -11,7 +11,11 @@ same for every model compared on the set, and the report gives precision and rec
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 MIN_WORDS = 8
 MAX_WORDS = 60
@@ -51,6 +55,7 @@ def make_excerpt_set(input_path: str, output_path: str, seed: int = 0, text_colu
 
     table = read_checked(input_path, {id_column: "id", text_column: "text", label_column: "label"},
                          strings_only=False)
+    logger.debug("%s: %d labeled reviews (columns %s)", input_path, table.num_rows, table.column_names)
     rng = np.random.default_rng(seed)
     texts = table.column(text_column).to_pylist()
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
@@ -62,5 +67,9 @@ def make_excerpt_set(input_path: str, output_path: str, seed: int = 0, text_colu
         label_column: table.column(label_column),
         "review_id": table.column(id_column),
     })
+    words = sorted(len(t.split()) for t in out.column(text_column).to_pylist())
+    if words:
+        logger.info("%d excerpts of %d to %d words (median %d)", len(words), words[0], words[-1],
+                    words[len(words) // 2])
     pq.write_table(out, output_path)
     return out.num_rows

@@ -17,8 +17,11 @@ Ray started.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
+
+logger = logging.getLogger(__name__)
 
 EXIT_AFTER_BATCHES = "SENTIMENT_RAY_FAULT_ACTOR_EXIT_AFTER_BATCHES"
 MARKER = "SENTIMENT_RAY_FAULT_MARKER"
@@ -54,16 +57,16 @@ class FaultPlan:
 
     def maybe_exit(self, batches_done: int) -> None:
         if self.exit_after_batches is not None and batches_done >= self.exit_after_batches:
-            self._exit_once(f"[score] fault injection: actor pid {os.getpid()} exits after {batches_done} batches")
+            self._exit_once(f"fault injection: scoring actor pid {os.getpid()} exits after {batches_done} batches")
 
     def maybe_exit_training(self, step: int) -> None:
         if self.train_exit_at_step is not None and step >= self.train_exit_at_step:
-            self._exit_once(f"[finetune] fault injection: training worker pid {os.getpid()} exits at step {step}")
+            self._exit_once(f"fault injection: training worker pid {os.getpid()} exits at step {step}")
 
     def _exit_once(self, message: str) -> None:
         try:  # O_EXCL: exactly one process incarnation in the whole run wins the right to die
             os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-        print(message, flush=True)
+        logger.warning(message)  # a handler writes and flushes before returning: the line is out before the exit
         os._exit(1)

@@ -331,6 +331,9 @@ def save_adapter_folder(peft_model, tokenizer, metadata, folder: Path) -> None:
 def train_worker(loop_config: dict) -> None:
     """Ray Train worker entry point: build model and data, run SFTTrainer (resuming when Ray Train holds a
     checkpoint of this run), report the adapter."""
+    from sentiment_ray.logging_setup import configure_worker_logging
+
+    configure_worker_logging(loop_config.get("log_level"))
     cfg: FinetuneConfig = build_config(FinetuneConfig, loop_config["config"])
     import_backend_first(cfg)  # before ray.train pulls in transformers
     import ray.train
@@ -343,15 +346,14 @@ def train_worker(loop_config: dict) -> None:
     restored = train_checkpoints.restore_latest(work_dir)
     if restored is not None and (restored / METADATA_FILE).exists():
         # The run had finished and reported its adapter before the failure: hand that back, train nothing.
-        print("[finetune] the run's latest checkpoint is the finished adapter; reporting it again", flush=True)
+        logger.info("the run's latest checkpoint is the finished adapter; reporting it again")
         metrics = read_metadata(restored).metrics
         ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(restored),
                          checkpoint_dir_name="adapter")
         shutil.rmtree(work_dir, ignore_errors=True)
         return
     if restored is not None:
-        print(f"[finetune] resuming from the checkpoint of step {train_checkpoints.checkpoint_step(restored)}",
-              flush=True)
+        logger.info("resuming from the checkpoint of step %d", train_checkpoints.checkpoint_step(restored))
     callbacks = [_ray_train_metrics_callback(), _ray_metrics_callback(loop_config["run_name"]),
                  train_checkpoints.report_checkpoints_callback()]
     faults = FaultPlan(**loop_config.get("faults", {}))
@@ -360,7 +362,11 @@ def train_worker(loop_config: dict) -> None:
     setup = build_trainer(cfg, loop_config["texts"], loop_config["labels"], str(Path(work_dir) / "trainer"),
                           extra_callbacks=tuple(callbacks))
     trainer, tokenizer, encoder, backend = setup.trainer, setup.tokenizer, setup.encoder, setup.backend
+    logger.info("training on %d examples: backend %s on %s, model loaded in %.1f s", len(setup.prompts), backend,
+                "GPU" if setup.on_gpu else "CPU", setup.load_seconds)
     metrics = run_training(setup, resume_from=restored)
+    logger.info("trained %d steps in %.1f s (loss %s, %s tokens/s)", metrics["steps"], metrics["train_seconds"],
+                metrics["train_loss"], metrics["tokens_per_second"])
     calibration = calibrate(setup, cfg, HeldOutRows(loop_config.get("calibration_texts", []),
                                                     loop_config.get("calibration_labels", [])))
 
@@ -406,6 +412,7 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
 
     from sentiment_ray import faults
     from sentiment_ray.metadata import METADATA_FILE, read_metadata
+    from sentiment_ray.logging_setup import level_for_workers
     from sentiment_ray.ray_cluster import ensure_ray
     from sentiment_ray.storage import location
     from sentiment_ray.train_checkpoints import check_finished_adapter, claim_run, run_identity
@@ -417,12 +424,12 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     final = location(cfg.output_dir) if finished else check_output_location_free(cfg.output_dir, cfg.overwrite,
                                                                                  METADATA_FILE)
     texts, labels, data_info, held_out = load_rows(cfg)
-    print(f"[finetune] {len(texts)} training rows from {cfg.data.train} (fingerprint {data_info['fingerprint']})", flush=True)
+    logger.info("%d training rows from %s (fingerprint %s)", len(texts), cfg.data.train, data_info["fingerprint"])
     cfg = dataclasses.replace(cfg, model=resolve_base_model(cfg.model))
     if finished:  # a rerun of a job that had finished: the same adapter, or a refusal naming what differs
         metadata = check_finished_adapter(final, run_identity(cfg, data_info["fingerprint"]))
-        print(f"[finetune] {final} already holds the adapter this run trains ({metadata.metrics.get('steps')} "
-              "steps); nothing to train", flush=True)
+        logger.info("%s already holds the adapter this run trains (%s steps); nothing to train", final,
+                    metadata.metrics.get("steps"))
         return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": 0.0}
 
     ensure_ray(cfg.ray)
@@ -439,8 +446,8 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
     )
     if claim_run(run_config.storage_path, run_config.name, run_identity(cfg, data_info["fingerprint"])):
-        print(f"[finetune] run {run_config.name} exists in {run_config.storage_path}: resuming from its latest "
-              "checkpoint", flush=True)
+        logger.info("run %s exists in %s: resuming from its latest checkpoint", run_config.name,
+                    run_config.storage_path)
     fault_plan = faults.FaultPlan.from_env(str(Path(tempfile.gettempdir()) / f"sentiment-ray-fault-{run_config.name}"))
     trainer = TorchTrainer(
         train_worker,
@@ -454,6 +461,7 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
             "command": command,
             "faults": fault_plan.to_dict(),
             "run_name": run_config.name,  # the tag of the worker's metrics
+            "log_level": level_for_workers(),
         },
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
         run_config=run_config,
@@ -476,9 +484,6 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
     metadata = read_metadata(final)
     wall = time.perf_counter() - started
-    print(
-        f"[finetune] adapter written to {final}: {metadata.metrics['steps']} steps, "
-        f"loss {metadata.metrics['train_loss']}, {wall:.1f} s wall (Ray Train included)",
-        flush=True,
-    )
+    logger.info("adapter written to %s: %d steps, loss %s, %.1f s wall (Ray Train included)", final,
+                metadata.metrics["steps"], metadata.metrics["train_loss"], wall)
     return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": round(wall, 2)}

@@ -184,6 +184,19 @@ def test_runtime_env_yaml_is_accepted_by_ray(monkeypatch):
         assert heavy in excluded, f"{_rel(RUNTIME_ENV_YAML)}: excludes should list {heavy}/"
 
 
+def _job_runtime_envs():
+    yield _rel(RUNTIME_ENV_YAML), _load_yaml(RUNTIME_ENV_YAML)
+    for path in sorted(MANIFESTS):
+        yield path.name, yaml.safe_load(_load_yaml(path)["spec"]["runtimeEnvYAML"])
+
+
+def test_job_logs_keep_ray_data_progress():
+    # A long scoring job is watched through its logs: Ray Data's periodic progress summary must stay in them.
+    for where, runtime_env in _job_runtime_envs():
+        env_vars = runtime_env.get("env_vars") or {}
+        assert str(env_vars.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0")) == "0", f"{where}: Ray Data progress is off"
+
+
 def test_runtime_env_upload_holds_the_code(tmp_path):
     # Build the zip exactly as `ray job submit` would (its excludes + .gitignore) and look inside:
     # jobs import sentiment_ray from this upload, so an over-eager exclude breaks them on the cluster.

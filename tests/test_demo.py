@@ -2,6 +2,7 @@
 zero-shot scoring, finetune, scoring with the adapter, evaluation."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +13,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def test_demo_end_to_end_small(ray_session, tmp_path, capsys):
     summary = run_demo(tmp_path / "demo", train_rows=16, eval_rows=24)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "zero-shot" in out and "finetuned" in out
+    # One screen: the five steps and the table; Ray's and the workers' output went to the log file, named last.
+    console = (captured.out + captured.err).splitlines()
+    log_file = Path(summary["run_dir"]) / "demo.log"
+    assert len(console) <= 40, "\n".join(console)
+    assert out.splitlines()[-1] == f"full log (Ray, workers, debug lines): {log_file}"
+    assert [line[:5] for line in console if line.startswith("[")] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    log = log_file.read_text()
+    assert "DEBUG sentiment_ray.scoring.stages: scored a batch of" in log  # a scoring actor's debug line
+    assert "INFO sentiment_ray.train: adapter written to" in log  # the driver's lines
+    assert "(MapWorker(MapBatches(ScoreStage)) pid=" in log  # the workers' output, forwarded by Ray
     for phase in ("zero_shot", "finetuned"):
         assert 0.0 <= summary[phase]["accuracy"] <= 1.0 and summary[phase]["rows_per_second"] > 0
     run_dir = tmp_path / "demo" / summary["run_dir"].split("/")[-1]

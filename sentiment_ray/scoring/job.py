@@ -16,6 +16,7 @@ import uuid
 from sentiment_ray.config import ScoreConfig, to_dict
 from sentiment_ray.data import InputError
 from sentiment_ray.faults import FaultPlan
+from sentiment_ray.logging_setup import level_for_workers
 from sentiment_ray.outputs import OutputExistsError, refuse_overlap
 from sentiment_ray.run_lock import RunLock
 from sentiment_ray.scoring.manifest import ScoreManifest, UnitCounts
@@ -27,6 +28,7 @@ from sentiment_ray.scoring.output import (
     unit_progress,
 )
 from sentiment_ray.scoring.plan import ScoreInputs, ScorePlan, check_inputs, make_plan
+from sentiment_ray.scoring.progress import ProgressReporter
 from sentiment_ray.scoring.sink import (
     OK_STATUS,
     CommittedOutput,
@@ -186,11 +188,12 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
     ledger = run_ledger(run_id, output.folder.uri, pending)  # held by the driver: it lives as long as this run
     spec = ReadSpec(inputs.id_column, cfg.text_column, tuple(cfg.keep_columns), inputs.derived_ids,
                     cfg.skip_unreadable_files, inputs.schema, output.folder.uri)
+    log_level = level_for_workers()  # the workers log at the driver's level (-v, -q, SENTIMENT_RAY_LOG_LEVEL)
     model_args = {"adapter": scoring_model.adapter, "weights_sha256": scoring_model.weights_sha256,
-                  "model": scoring_model.model, "prompt": scoring_model.prompt}
+                  "model": scoring_model.model, "prompt": scoring_model.prompt, "log_level": log_level}
     faults = FaultPlan.from_env(default_marker=_fault_marker(output))
     pool = min(cfg.pool_size, len(pending))
-    dataset = ray.data.read_datasource(unit_datasource(pending, spec, cfg.batch_size * 4),
+    dataset = ray.data.read_datasource(unit_datasource(pending, spec, cfg.batch_size * 4, log_level),
                                        override_num_blocks=len(pending), num_cpus=cfg.io_cpus)
     prepare_actors, prepare_cpus = _prepare_pool(cfg, pool)
     dataset = dataset.map_batches(
@@ -208,11 +211,13 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
         compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=cfg.batches_in_flight))
     sink = fragment_datasink(output.folder.uri, inputs.schema, {p.unit_index: p.unit for p in pending},
                              plan.rows_per_unit, ledger_name(run_id))
+    rows_to_score = sum(p.rows.rows for p in pending)
     try:
-        # Writes reserve no CPU. Ray Data reserves CPUs for operators upstream first, so on a node whose CPUs the
-        # actor pools hold, a write task that asked for a share waited until every read was done (seen on 3
-        # logical CPUs): rows piled up in the object store and nothing was committed until the end.
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        with ProgressReporter(lambda: ray.get(ledger.rows_scored.remote(), timeout=10), rows_to_score):
+            # Writes reserve no CPU. Ray Data reserves CPUs for operators upstream first, so on a node whose CPUs
+            # the actor pools hold, a write task that asked for a share waited until every read was done (seen on
+            # 3 logical CPUs): rows piled up in the object store and nothing was committed until the end.
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except Exception as exc:
         user_error = _input_error_inside(exc)
         if user_error is not None:

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from sentiment_ray.data import InputError, one_line, unvalidated_type
 from sentiment_ray.faults import FaultPlan
 from sentiment_ray.metrics import ScoreStageRecorder
+from sentiment_ray.logging_setup import configure_worker_logging
 from sentiment_ray.work_units import WorkUnit, derived_ids, read_unit
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ STATUS_PENDING = None  # status of a prepared row that the score stage still has
 # A batch whose scoring kills its actor this many times in one run (a row that crashes the process, not just
 # raises) ends the job naming its rows, rather than being retried by Ray forever.
 BATCH_ATTEMPTS = 4
-PROGRESS_EVERY_S = 30.0
+ACTOR_PROGRESS_EVERY_S = 30.0  # each scoring actor's own debug line; the driver logs the run's (progress.py)
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -79,10 +80,11 @@ class PendingRows:
     rows: WorkUnit  # the row range to read: the unit itself or part of it
 
 
-def read_unit_blocks(pending: PendingRows, spec: ReadSpec, rows_per_block: int):
+def read_unit_blocks(pending: PendingRows, spec: ReadSpec, rows_per_block: int, log_level: int | None = None):
     """The pending rows of one work unit as blocks of at most `rows_per_block` rows."""
     from sentiment_ray.storage import location
 
+    configure_worker_logging(log_level)
     piece = pending.rows
     try:
         table = read_unit(piece, [spec.id_column, spec.text_column, *spec.keep_columns])
@@ -108,7 +110,7 @@ def read_unit_blocks(pending: PendingRows, spec: ReadSpec, rows_per_block: int):
         yield block.slice(start, rows_per_block)
 
 
-def unit_datasource(pending: list[PendingRows], spec: ReadSpec, rows_per_block: int):
+def unit_datasource(pending: list[PendingRows], spec: ReadSpec, rows_per_block: int, log_level: int | None = None):
     """A Ray Data Datasource with one read task per pending row range, on any pyarrow filesystem."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -118,7 +120,7 @@ def unit_datasource(pending: list[PendingRows], spec: ReadSpec, rows_per_block: 
             return sum(p.rows.rows for p in pending) * 2048
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return [ReadTask(partial(read_unit_blocks, p, spec, rows_per_block),
+            return [ReadTask(partial(read_unit_blocks, p, spec, rows_per_block, log_level),
                              BlockMetadata(num_rows=p.rows.rows, size_bytes=p.rows.rows * 2048, exec_stats=None,
                                            input_files=[p.rows.file]))
                     for p in pending]
@@ -137,7 +139,8 @@ class PrepareStage:
     tokenized, bad rows marked with their status."""
 
     def __init__(self, adapter: str | None, weights_sha256: str | None, model: dict, prompt: dict,
-                 fail_text: str | None = None):
+                 fail_text: str | None = None, log_level: int | None = None):
+        configure_worker_logging(log_level)
         from sentiment_ray.config import ScoringModelConfig
         from sentiment_ray.prompt import PromptSpec
         from sentiment_ray.scorer import TextPreparer
@@ -180,9 +183,10 @@ class StageActivity:
 class RunLedger:
     """A small actor of one driver run. It counts how often scoring a batch was started and not finished: within
     one run a batch is started again only after the actor scoring it died; it dies with the driver, so a killed
-    driver's attempts never count against a batch. It adds up the score stage's busy time (StageActivity). And
-    it hears from the sink which fragments were written, to count the units completed (the units-committed
-    metric, tagged with `run`): no write task sees all of a unit's fragments, the ledger does."""
+    driver's attempts never count against a batch. It adds up the score stage's busy time (StageActivity) and the
+    rows of finished batches, for the driver's progress line. And it hears from the sink which fragments were
+    written, to count the units completed (the units-committed metric, tagged with `run`): no write task sees all
+    of a unit's fragments, the ledger does."""
 
     def __init__(self, run: str | None = None, pending: list[PendingRows] = ()):
         from sentiment_ray.scoring.output import UnitCommits
@@ -195,14 +199,19 @@ class RunLedger:
         for rows in pending:
             left.setdefault(rows.unit_index, []).append(rows.rows)
         self.commits = UnitCommits(left)
+        self.finished: set[tuple[int, int]] = set()  # a batch finished twice (its actor died after) counts once
+        self.rows_finished = 0
 
     def begin(self, key: tuple[int, int]) -> int:
         self.open[key] = self.open.get(key, 0) + 1
         return self.open[key]
 
     def end(self, key: tuple[int, int], actor: str | None = None, started: float = 0.0, ended: float = 0.0,
-            capture_seconds: float = 0.0) -> None:
+            capture_seconds: float = 0.0, rows: int = 0) -> None:
         self.open.pop(key, None)
+        if rows and key not in self.finished:
+            self.finished.add(key)
+            self.rows_finished += rows
         if actor is not None:  # times from the actor's own clock: only differences within one actor are used
             span = self.actors.setdefault(actor, [started, ended, 0.0, 0.0])
             span[0], span[1], span[2] = min(span[0], started), max(span[1], ended), span[2] + ended - started
@@ -217,6 +226,10 @@ class RunLedger:
         completed = sum(self.commits.add(unit, Fragment(file, start, stop)) for unit, file, start, stop in fragments)
         if self.run is not None:
             record_units_committed(self.run, completed)
+
+    def rows_scored(self) -> int:
+        """Rows of the batches the score stage has finished in this run (marked rows included)."""
+        return self.rows_finished
 
     def activity(self) -> StageActivity:
         busy = sum(s[2] for s in self.actors.values())
@@ -259,7 +272,8 @@ class ScoreStage:
     def __init__(self, adapter: str | None, weights_sha256: str | None, model: dict, prompt: dict,
                  max_batch_tokens: int | None, torch_threads: int | None, run_id: str, files: list[str],
                  unit_files: list[int], faults: dict | None = None, threshold: float = 0.5, forward: str = "eager",
-                 run: str = ""):
+                 run: str = "", log_level: int | None = None):
+        configure_worker_logging(log_level)
         import ray
         import torch
 
@@ -269,8 +283,11 @@ class ScoreStage:
 
         if torch_threads and not torch.cuda.is_available():
             torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the reserved CPUs; say it explicitly
+        loading = time.perf_counter()
         self.scorer = SentimentScorer.load(adapter, ScoringModelConfig(**model), PromptSpec.from_dict(prompt),
                                            max_batch_tokens, weights_sha256=weights_sha256, forward=forward)
+        logger.info("scoring actor pid %d: %s loaded on %s in %.1f s", os.getpid(), self.scorer.identity,
+                    self.scorer.device, time.perf_counter() - loading)
         self.ledger = ray.get_actor(ledger_name(run_id))
         self.actor_name = f"{ray.get_runtime_context().get_node_id()[:12]}-{os.getpid()}"
         self.files, self.unit_files = files, unit_files  # to name the rows of a batch that keeps killing its actor
@@ -312,8 +329,10 @@ class ScoreStage:
         out = out.append_column("adapter", pa.array([self.scorer.identity] * batch.num_rows, pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
         ended = time.perf_counter()
-        self.ledger.end.remote(key, self.actor_name, started, ended, self.scorer.capture_seconds)
+        self.ledger.end.remote(key, self.actor_name, started, ended, self.scorer.capture_seconds, rows=batch.num_rows)
         self.metrics.record_batch(statuses, started, ended)
+        logger.debug("scored a batch of %d rows (unit %d, rows from %d) in %.2f s", batch.num_rows, key[0], key[1],
+                     ended - started)
         self.batches_done += 1
         self._report_progress(batch.num_rows)
         self.faults.maybe_exit(self.batches_done)
@@ -332,7 +351,7 @@ class ScoreStage:
     def _report_progress(self, rows: int) -> None:
         self.rows_done += rows
         now = time.perf_counter()
-        if now - self.last_report >= PROGRESS_EVERY_S:
+        if now - self.last_report >= ACTOR_PROGRESS_EVERY_S:
             self.last_report = now
-            logger.warning("scoring actor %s: %d rows (%.1f rows/s)", os.getpid(), self.rows_done,
-                           self.rows_done / (now - self.started))
+            logger.debug("scoring actor %s: %d rows (%.1f rows/s)", os.getpid(), self.rows_done,
+                         self.rows_done / (now - self.started))

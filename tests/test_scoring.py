@@ -14,7 +14,7 @@ from sentiment_ray.data import InputError
 from sentiment_ray.outputs import OutputExistsError
 from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, run_scoring
 from sentiment_ray.tiny_model import synthetic_reviews
-from tests.conftest import REPO_ROOT, write_reviews
+from tests.conftest import REPO_ROOT, RESCORED_TOLERANCE, write_reviews
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -116,7 +116,9 @@ def test_labels_follow_the_adapters_stored_threshold_or_the_one_given(adapter_di
                  "--input", str(path), "--output", str(tmp_path / "given"), "--threshold", repr(median),
                  "model.dtype=float32"]) == 0
     given = pq.read_table(tmp_path / "given").to_pylist()
-    assert [r["score"] for r in given] == [r["score"] for r in rows]  # the threshold changes labels only
+    # The threshold changes labels only; the scores are those of a second scoring of the same rows, equal up to
+    # float32 rounding of batches Ray Data may form differently (RESCORED_TOLERANCE, tests/conftest.py).
+    assert [r["score"] for r in given] == pytest.approx([r["score"] for r in rows], abs=RESCORED_TOLERANCE)
     assert [r["label_id"] for r in given] == [int(r["score"] >= median) for r in given]
     assert [r["label"] for r in given] == [["negative", "positive"][int(r["score"] >= median)] for r in given]
     assert sum(r["label_id"] for r in given) >= 40 > sum(r["label_id"] for r in rows)  # it really moved labels

@@ -27,7 +27,8 @@ def bare_loop(adapter: str, texts: list[str], batch_size: int, threads: int, mer
     import torch
 
     torch.set_num_threads(threads)
-    scorer = SentimentScorer.from_adapter(adapter, ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=merge))
+    scorer = SentimentScorer.from_adapter(adapter,
+                                          ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=merge))
     scorer.score_texts(texts[:batch_size])  # warm-up
     started = time.perf_counter()
     for start in range(0, len(texts), batch_size):

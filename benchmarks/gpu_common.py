@@ -23,7 +23,8 @@ def build_imdb_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 3200
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(texts + ["Review: x\nSentiment: positive", "Review: y\nSentiment: negative"] * 100,
                             trainer=trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.save_pretrained(out_dir)
     return tokenizer

@@ -49,7 +49,8 @@ def main() -> None:
         cfg = load_config(FinetuneConfig, CONFIG, [
             f"model.name_or_path={model_dir}", f"model.backend={backend}", f"data.train={args.data}",
             f"data.limit={args.steps * args.batch_size}", f"train.max_steps={args.steps}",
-            f"train.batch_size={args.batch_size}", "train.logging_steps=5", f"output_dir={work / ('adapter-' + backend)}",
+            f"train.batch_size={args.batch_size}", "train.logging_steps=5",
+            f"output_dir={work / ('adapter-' + backend)}",
             "overwrite=true", "ray.address=local", f"ray.storage_path={work / 'ray_results'}", "ray.cpus_per_worker=8",
         ])
         metrics = run_finetune(cfg)["metrics"]

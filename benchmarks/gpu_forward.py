@@ -53,7 +53,8 @@ def masked_scores(scorer, prompts: list[list[int]]) -> list[float]:
             hidden = scorer._decoder(input_ids=torch.from_numpy(padded).to(scorer.device),
                                      attention_mask=torch.from_numpy(real.astype(np.int64)).to(scorer.device),
                                      use_cache=False).last_hidden_state
-            last = hidden[torch.arange(len(rows), device=scorer.device), torch.from_numpy(lengths).to(scorer.device) - 1]
+            last = hidden[torch.arange(len(rows), device=scorer.device),
+                          torch.from_numpy(lengths).to(scorer.device) - 1]
             logits = (last.to(scorer._label_weight.dtype) @ scorer._label_weight.t()).float()
             positive = torch.softmax(logits, -1)[:, 1].cpu().numpy()
         for j, p in zip(group, positive):
@@ -114,7 +115,8 @@ def main() -> None:
         model_dir = build_random_mistral_7b(work / "mistral7b-random", texts)
     adapter = make_adapter(model_dir, work / f"adapter-{args.model}", args.model)
     started = time.perf_counter()
-    scorer = SentimentScorer.from_adapter(adapter, ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=True),
+    scorer = SentimentScorer.from_adapter(adapter,
+                                          ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=True),
                                           args.max_batch_tokens)
     load_s = time.perf_counter() - started
     prepared = scorer.preparer.prepare((texts * (-(-args.rows // len(texts))))[:args.rows])
@@ -159,7 +161,8 @@ def main() -> None:
         print(f"[bench] {variant}: {row}", flush=True)
     print(f"\n{report['gpu']}, {args.model}, {len(prompts)} reviews, {tokens / len(prompts):.0f} tokens/review, "
           f"batch {args.batch_size}, forwards <= {args.max_batch_tokens} tokens")
-    print(f"{'variant':26}{'seconds':>9}{'reviews/s':>11}{'compile s':>11}{'capture s':>11}{'shapes':>8}{'max |diff|':>12}")
+    print(f"{'variant':26}{'seconds':>9}{'reviews/s':>11}{'compile s':>11}{'capture s':>11}"
+          f"{'shapes':>8}{'max |diff|':>12}")
     for name, row in report["variants"].items():
         compile_s = f"{row['compile_s']:.1f}" if row["compile_s"] is not None else "-"
         print(f"{name:26}{row['seconds']:9.2f}{row['reviews_per_s']:11.1f}{compile_s:>11}{row['capture_s']:>11.2f}"

@@ -86,11 +86,11 @@ def bare_loop(variant: str, adapter: Path, data: str, batch_size: int, max_batch
 
 def ray_job(variant: str, adapter: Path, data: str, rows: int, work: Path, batch_size: int,
             max_batch_tokens: int | None, pool_size: int = 1) -> dict:
+    import pyarrow as pa
+
     from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
     from sentiment_ray.ray_cluster import ensure_ray
     from sentiment_ray.scoring import run_scoring
-
-    import pyarrow as pa
 
     table = pq.read_table(data)
     copies = -(-rows // table.num_rows)  # tile the reviews, with fresh ids, when more rows are asked for
@@ -102,7 +102,8 @@ def ray_job(variant: str, adapter: Path, data: str, rows: int, work: Path, batch
     for part in range(8):
         pq.write_table(table.slice(part * per_file, per_file), inputs / f"part-{part}.parquet")
     ensure_ray(RayConfig(address="local"))
-    cfg = ScoreConfig(input=str(inputs), output=str(work / f"ray-out-{variant}-{rows}-{pool_size}"), adapter=str(adapter),
+    cfg = ScoreConfig(input=str(inputs), output=str(work / f"ray-out-{variant}-{rows}-{pool_size}"),
+                      adapter=str(adapter),
                       overwrite=True, batch_size=batch_size, max_batch_tokens=max_batch_tokens, pool_size=pool_size,
                       num_cpus_per_actor=4,
                       num_gpus_per_actor=1, model=ScoringModelConfig(**VARIANTS[variant]))
@@ -151,7 +152,8 @@ def main() -> None:
     floor = tflops * 1e12 / (2 * params * tokens_per_review)
     small, full = len(texts) // 4, len(texts)
     for rows in (small, full):
-        report["ray"][rows] = ray_job(best, adapter, args.data, rows, work, args.batch_size, args.max_batch_tokens or None)
+        report["ray"][rows] = ray_job(best, adapter, args.data, rows, work, args.batch_size,
+                                      args.max_batch_tokens or None)
         (out / "gpu_scoring.json").write_text(json.dumps(report, indent=2))
     ray_small, ray_full = report["ray"][small], report["ray"][full]
     steady = (ray_full["rows"] - ray_small["rows"]) / (ray_full["seconds"] - ray_small["seconds"])
@@ -159,8 +161,8 @@ def main() -> None:
                   tokens_per_review=tokens_per_review)
     (out / "gpu_scoring.json").write_text(json.dumps(report, indent=2))
 
-    print(f"\nGPU {report['gpu']}, {params / 1e9:.2f}e9 params, bf16 matmul {tflops:.0f} TFLOP/s, batch {args.batch_size} "
-          f"rows, forwards of <= {args.max_batch_tokens or 'all'} tokens, "
+    print(f"\nGPU {report['gpu']}, {params / 1e9:.2f}e9 params, bf16 matmul {tflops:.0f} TFLOP/s, "
+          f"batch {args.batch_size} rows, forwards of <= {args.max_batch_tokens or 'all'} tokens, "
           f"{len(texts)} IMDB dev reviews, {tokens_per_review:.0f} prompt tokens/review (max 512)")
     print(f"{'path':40}{'reviews/s':>10}{'of floor':>10}{'peak GB':>9}")
     for variant, r in bare.items():

@@ -165,8 +165,9 @@ def main() -> None:
     print(f"\nGPU {device}, bf16 matmul {tflops:.0f} TFLOP/s, {args.steps} steps per variant")
     print(f"{'variant':22}{'tokens/s':>10}{'ms/step':>9}{'gap ms':>8}{'peak GB':>9}{'1st step s':>11}{'floor %':>9}")
     for name, m in rows.items():
-        print(f"{name:22}{m['steady_tokens_per_second'] or 0:>10.0f}{m['median_step_ms']:>9.1f}{m['median_gap_ms']:>8.1f}"
-              f"{m.get('peak_gpu_memory_gb', 0):>9.2f}{m['first_step_seconds'] or 0:>11.1f}{100 * m['floor_fraction']:>9.2f}")
+        print(f"{name:22}{m['steady_tokens_per_second'] or 0:>10.0f}{m['median_step_ms']:>9.1f}"
+              f"{m['median_gap_ms']:>8.1f}{m.get('peak_gpu_memory_gb', 0):>9.2f}"
+              f"{m['first_step_seconds'] or 0:>11.1f}{100 * m['floor_fraction']:>9.2f}")
 
 
 if __name__ == "__main__":

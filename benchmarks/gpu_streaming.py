@@ -119,7 +119,8 @@ def run_job(adapter: Path, inputs: Path, output: Path, batch_size: int, max_batc
     started = time.perf_counter()
     summary = run_scoring(cfg)
     return {"rows": summary.rows_out, "seconds": time.perf_counter() - started, "started": started,
-            "job_seconds": summary.seconds, "score_stage": dataclasses.asdict(summary.score_stage), "reviews_per_second": summary.rows_out / (time.perf_counter() - started)}
+            "job_seconds": summary.seconds, "score_stage": dataclasses.asdict(summary.score_stage),
+            "reviews_per_second": summary.rows_out / (time.perf_counter() - started)}
 
 
 OLD_JOB = """
@@ -191,7 +192,8 @@ def main() -> None:
 
         old_tree = str(Path(args.old_tree).resolve())  # first on the path of the driver and of its Ray workers
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([old_tree, os.environ.get("PYTHONPATH", "")])}
-        child = subprocess.run([sys.executable, "-c", OLD_JOB, old_tree, str(adapter), *[str(inputs[n]) for n in sizes]],
+        child = subprocess.run([sys.executable, "-c", OLD_JOB, old_tree, str(adapter),
+                                *[str(inputs[n]) for n in sizes]],
                                capture_output=True, text=True, env=env, cwd=old_tree)  # Ray puts the cwd first
         line = [ln for ln in child.stdout.splitlines() if ln.startswith("OLD-RESULT ")]
         if not line:
@@ -206,7 +208,7 @@ def main() -> None:
           f"batch {args.batch_size}, forwards of <= {args.max_batch_tokens} tokens, forward {args.forward}")
     print(f"{'pipeline':12}{'rows':>9}{'seconds':>9}{'reviews/s end to end':>22}{'GPU busy':>10}{'stage busy':>12}")
     for name in ("new", "old"):
-        for n, r in report[name].items():
+        for r in report[name].values():
             busy = r.get("gpu_busy")
             stage = (r.get("score_stage") or {}).get("busy_fraction")
             print(f"{name:12}{r['rows']:>9}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>22.1f}"

@@ -95,8 +95,9 @@ def start_s3_server(work: Path) -> subprocess.Popen:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=open(work / "moto.log", "w"), stderr=subprocess.STDOUT)
+    with open(work / "moto.log", "w") as log:  # the server holds its own copy of the descriptor
+        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
                       AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true")
@@ -112,7 +113,8 @@ def start_s3_server(work: Path) -> subprocess.Popen:
     return server
 
 
-def run_score(command: list[str], env: dict, log: Path, sampler: RssSampler, kill_at: float | None) -> tuple[float, bool]:
+def run_score(command: list[str], env: dict, log: Path, sampler: RssSampler,
+              kill_at: float | None) -> tuple[float, bool]:
     """Run the score command; SIGKILL its process group once `kill_at` of the planned units are committed."""
     output = command[command.index("--output") + 1]
     started = time.perf_counter()
@@ -143,7 +145,8 @@ def soak(rows: int, args, work: Path) -> dict:
                "--pool-size", str(args.pool_size), "--batch-size", str(args.batch_size),
                *([f"max_batch_tokens={args.max_batch_tokens}"] if args.max_batch_tokens else []),
                "model.name_or_path=embedded:tiny-random-mistral", "model.dtype=float32", "num_cpus_per_actor=1",
-               f"unit_rows={args.unit_rows}", "ray.address=local", "ray.num_cpus=3", f"prompt.max_length={args.max_length}"]
+               f"unit_rows={args.unit_rows}", "ray.address=local", "ray.num_cpus=3",
+               f"prompt.max_length={args.max_length}"]
     marker = work / f"actor-killed-{rows}"
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="sr-soak-", dir="/tmp"),
            "SENTIMENT_RAY_FAULT_ACTOR_EXIT_AFTER_BATCHES": str(args.actor_exit_after_batches),
@@ -156,14 +159,17 @@ def soak(rows: int, args, work: Path) -> dict:
     from sentiment_ray.storage import location
 
     folder = location(output)
-    ids = pads.dataset(folder.path, filesystem=folder.filesystem, format="parquet").to_table(columns=["id"]).column("id")
+    dataset = pads.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
+    ids = dataset.to_table(columns=["id"]).column("id")
     manifest = json.loads(folder.join("_sentiment_ray_manifest.json").read_text())
     return {
         "rows_in": rows, "rows_out": len(ids), "duplicate_ids": len(ids) - pc.count_distinct(ids).as_py(),
-        "actor_killed": marker.exists(), "driver_killed": killed, "units": manifest["units"]["total"], "units_committed_at_kill": at_kill,
+        "actor_killed": marker.exists(), "driver_killed": killed, "units": manifest["units"]["total"],
+        "units_committed_at_kill": at_kill,
         "first_run_s": round(first_s, 1), "resume_run_s": round(resume_s, 1),
         "rows_per_s": round(rows / (first_s + resume_s), 1),
-        "driver_peak_rss_mb": round(sampler.driver_peak / 2**20), "actor_peak_rss_mb": round(sampler.actor_peak / 2**20),
+        "driver_peak_rss_mb": round(sampler.driver_peak / 2**20),
+        "actor_peak_rss_mb": round(sampler.actor_peak / 2**20),
         "status_counts": manifest["status_counts"],
     }
 
@@ -192,8 +198,9 @@ def main() -> None:
     finally:
         if server is not None:
             server.kill()
-    columns = ["rows_in", "rows_out", "duplicate_ids", "actor_killed", "driver_killed", "units", "units_committed_at_kill",
-               "first_run_s", "resume_run_s", "rows_per_s", "driver_peak_rss_mb", "actor_peak_rss_mb"]
+    columns = ["rows_in", "rows_out", "duplicate_ids", "actor_killed", "driver_killed", "units",
+               "units_committed_at_kill", "first_run_s", "resume_run_s", "rows_per_s", "driver_peak_rss_mb",
+               "actor_peak_rss_mb"]
     print("  ".join(columns))
     for result in results:
         print("  ".join(str(result[c]) for c in columns))

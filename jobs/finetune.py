@@ -1,4 +1,5 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/finetune.py --config configs/finetune/<name>.yaml ...`.
+"""Ray job entrypoint for fine-tuning:
+`ray job submit --working-dir . -- python jobs/finetune.py --config configs/finetune/<name>.yaml ...`.
 
 Thin on purpose: parse the command line, call the library (the same code as `sentiment-ray finetune`).
 

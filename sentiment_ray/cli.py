@@ -23,7 +23,8 @@ from sentiment_ray.logging_setup import configure_logging, level_from_env
 from sentiment_ray.metadata import AdapterError
 from sentiment_ray.prompt import PromptError
 
-# OutputExistsError (an output that exists, is not ours, overlaps an input, is locked or unwritable) is a FileExistsError.
+# OutputExistsError (an output that exists, is not ours, overlaps an input, is locked or unwritable) is a
+# FileExistsError.
 # Errors about paths the user named (a folder that cannot be read or written, a file where a folder belongs) too.
 USER_ERRORS = (ConfigError, InputError, LabelError, AdapterError, FileExistsError, PromptError, FileNotFoundError,
                PermissionError, NotADirectoryError, IsADirectoryError)
@@ -288,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label")
     p.set_defaults(func=cmd_excerpts)
 
-    p = sub.add_parser("export", parents=[log_flags], help="merge an adapter into a text-classification model that transformers "
-                                      "loads without this package")
+    p = sub.add_parser("export", parents=[log_flags],
+                       help="merge an adapter into a text-classification model that transformers "
+                            "loads without this package")
     p.add_argument("--adapter", required=True, help="adapter folder written by `finetune`")
     p.add_argument("--output", required=True, help="the folder to write (must not exist, or be empty)")
     p.add_argument("--base-model", help="override the adapter's base model path/hub id")

@@ -267,7 +267,8 @@ class ScoreConfig:
         if self.io_cpus < 0 or self.num_cpus_per_prepare_actor < 0:
             raise ConfigError("io_cpus and num_cpus_per_prepare_actor must be >= 0")
         if not isinstance(self.actor_resources, dict):
-            raise ConfigError(f"actor_resources must be a mapping of resource name to amount, got {self.actor_resources!r}")
+            raise ConfigError("actor_resources must be a mapping of resource name to amount, "
+                              f"got {self.actor_resources!r}")
         for name, amount in self.actor_resources.items():
             if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
                 raise ConfigError(f"actor_resources.{name} must be a number >= 0, got {amount!r}")

@@ -94,7 +94,8 @@ def _run_steps(run_dir: Path, train_rows: int | None, eval_rows: int | None, sta
         f"model.name_or_path={model_path}",
         "ray.address=local",
     ] + ([f"data.limit={train_rows}"] if train_rows else []))
-    eval_file = _subset(DEMO_DATA / "dev_sample.parquet", eval_rows or DEFAULT_EVAL_ROWS, run_dir / "data" / "dev.parquet")
+    eval_file = _subset(DEMO_DATA / "dev_sample.parquet", eval_rows or DEFAULT_EVAL_ROWS,
+                        run_dir / "data" / "dev.parquet")
     score_cfg: ScoreConfig = load_config(ScoreConfig, SCORE_CONFIG, [
         f"input={eval_file}", f"output={run_dir / 'zero_shot' / 'scored'}", "ray.address=local"])
     score_cfg = dataclasses.replace(score_cfg, prompt=finetune_cfg.prompt,
@@ -143,12 +144,13 @@ def format_summary(s: dict) -> str:
     z, f = s["zero_shot"], s["finetuned"]
     lines = [
         "",
-        f"sentiment_ray demo: SmolLM2-135M-Instruct on {s['cpus']} CPU cores, {s['eval_rows']} held-out IMDB dev reviews",
+        f"sentiment_ray demo: SmolLM2-135M-Instruct on {s['cpus']} CPU cores, "
+        f"{s['eval_rows']} held-out IMDB dev reviews",
         f"{'':12}{'accuracy':>10}{'F1':>8}{'ROC AUC':>9}{'rows/s':>8}",
         f"{'zero-shot':12}{z['accuracy']:>10.3f}{z['f1']:>8.3f}{z['roc_auc']:>9.3f}{z['rows_per_second']:>8.1f}",
         f"{'finetuned':12}{f['accuracy']:>10.3f}{f['f1']:>8.3f}{f['roc_auc']:>9.3f}{f['rows_per_second']:>8.1f}",
-        f"finetuned on {s['train_rows']} train reviews: {s['train']['steps']} steps, {s['train']['train_seconds']:.0f} s, "
-        f"{s['train']['tokens_per_second']:.0f} tokens/s",
+        f"finetuned on {s['train_rows']} train reviews: {s['train']['steps']} steps, "
+        f"{s['train']['train_seconds']:.0f} s, {s['train']['tokens_per_second']:.0f} tokens/s",
         f"wall time {s['timings_s']['total_s']:.0f} s  (rows/s include actor start-up)",
         f"outputs: {s['run_dir']}  (adapter/, zero_shot/, finetuned/: scored Parquet, metrics.json, plots)",
     ]

@@ -53,9 +53,9 @@ class ConsoleFormatter(logging.Formatter):
 def demo_console(log_file: Path, console_level: int = logging.INFO) -> Iterator[TextIO]:
     """Route the demo's output as the module docstring says; yields the console stream for the result table."""
     console, owned = _console_stream(sys.stdout)
-    with open(log_file, "a", buffering=1, encoding="utf-8", errors="replace") as log:
-        with _package_logging(console, console_level, log), _output_into(log), _progress_bars_off():
-            yield console
+    with (open(log_file, "a", buffering=1, encoding="utf-8", errors="replace") as log,
+          _package_logging(console, console_level, log), _output_into(log), _progress_bars_off()):
+        yield console
     if owned:
         console.close()
 

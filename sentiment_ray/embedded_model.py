@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SENTIMENT_RAY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sentiment_ray"
+    root = (os.environ.get("SENTIMENT_RAY_CACHE")
+            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sentiment_ray")
     return Path(root)
 
 

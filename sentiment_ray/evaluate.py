@@ -200,7 +200,8 @@ def write_plots(y_true, scores, out_dir, threshold: float = 0.5) -> list[Path]:
     ax.set_title("Score distribution by true label")
     ax.legend()
     histogram_path = _save(fig, out_dir / HISTOGRAM_PLOT)
-    return [confusion_path, histogram_path, _reliability_plot(y_true, scores, out_dir), _roc_plot(y_true, scores, out_dir)]
+    return [confusion_path, histogram_path, _reliability_plot(y_true, scores, out_dir),
+            _roc_plot(y_true, scores, out_dir)]
 
 
 def _reliability_plot(y_true, scores, out_dir: Path) -> Path:

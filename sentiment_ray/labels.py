@@ -22,9 +22,7 @@ class LabelError(ValueError):
 def normalize_label(value: object) -> int:
     """Map one label value (0/1, True/False, "negative"/"positive", any case) to 0 or 1."""
     key = value
-    if isinstance(value, bool):
-        key = int(value)
-    elif isinstance(value, float) and value.is_integer():
+    if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
         key = int(value)
     elif isinstance(value, str):
         key = value.strip().lower()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sentiment_ray import __version__
@@ -44,7 +44,7 @@ class AdapterMetadata:
     command: str | None = None  # the command line that trained the adapter, for its model card (None: unknown)
     package_version: str = __version__
     format_version: int = FORMAT_VERSION
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -89,7 +89,8 @@ def read_metadata(folder: str | Path | Location) -> AdapterMetadata:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from None
     if data.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{path}: format_version {data.get('format_version')!r}, this package reads {FORMAT_VERSION}")
+        raise AdapterError(f"{path}: format_version {data.get('format_version')!r}, "
+                           f"this package reads {FORMAT_VERSION}")
     try:
         return AdapterMetadata.from_dict(data)
     except (TypeError, KeyError, ValueError) as exc:

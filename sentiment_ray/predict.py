@@ -29,7 +29,8 @@ class Prediction:
         return self.score if self.label == "positive" else 1.0 - self.score
 
 
-def load_predictor(adapter: str | None, model: ModelConfig | None = None, prompt: PromptSpec | None = None) -> SentimentScorer:
+def load_predictor(adapter: str | None, model: ModelConfig | None = None,
+                   prompt: PromptSpec | None = None) -> SentimentScorer:
     model = model or ModelConfig(name_or_path="")
     check_loadable(adapter, model)  # a corrupt adapter or missing base: one AdapterError, not a loader traceback
     return SentimentScorer.load(adapter, model, prompt or PromptSpec())
@@ -52,5 +53,6 @@ def predict(texts: list[str], adapter: str | None = None, *, scorer: SentimentSc
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         result = score_with_retry(scorer.score_texts, chunk, on_retry=_quiet)
-        out += [Prediction(*row) for row in zip(chunk, result.labels(threshold), result.scores, result.statuses, result.errors)]
+        out += [Prediction(*row)
+                for row in zip(chunk, result.labels(threshold), result.scores, result.statuses, result.errors)]
     return out

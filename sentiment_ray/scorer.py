@@ -16,9 +16,9 @@ What counts as text (every other value is a marked row, never an exception that 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +114,8 @@ class TextPreparer:
         self.encoder = encoder
 
     @classmethod
-    def load(cls, adapter: str | None, weights_sha256: str | None, model: ModelConfig, prompt: PromptSpec) -> TextPreparer:
+    def load(cls, adapter: str | None, weights_sha256: str | None, model: ModelConfig,
+             prompt: PromptSpec) -> TextPreparer:
         """The tokenizer the scorer of the same adapter (or zero-shot base) uses, with its prompt spec."""
         from sentiment_ray import backends
 
@@ -122,7 +123,8 @@ class TextPreparer:
             from sentiment_ray.metadata import local_adapter
 
             metadata = read_metadata(local_adapter(adapter, weights_sha256))
-            base, prompt, expected = model.name_or_path or metadata.base_model, metadata.prompt, metadata.label_token_ids
+            base, prompt, expected = (model.name_or_path or metadata.base_model, metadata.prompt,
+                                      metadata.label_token_ids)
         else:
             base, expected = model.name_or_path or EMBEDDED_MODEL, None
         tokenizer = backends.load_tokenizer(model, backends.resolve_model_path(base))

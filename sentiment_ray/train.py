@@ -348,8 +348,8 @@ def train_worker(loop_config: dict) -> None:
         # The run had finished and reported its adapter before the failure: hand that back, train nothing.
         logger.info("the run's latest checkpoint is the finished adapter; reporting it again")
         metrics = read_metadata(restored).metrics
-        ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=ray.train.Checkpoint.from_directory(restored),
-                         checkpoint_dir_name="adapter")
+        ray.train.report({**metrics, "step": metrics["steps"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(restored), checkpoint_dir_name="adapter")
         shutil.rmtree(work_dir, ignore_errors=True)
         return
     if restored is not None:
@@ -411,8 +411,8 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from sentiment_ray import faults
-    from sentiment_ray.metadata import METADATA_FILE, read_metadata
     from sentiment_ray.logging_setup import level_for_workers
+    from sentiment_ray.metadata import METADATA_FILE, read_metadata
     from sentiment_ray.ray_cluster import ensure_ray
     from sentiment_ray.storage import location
     from sentiment_ray.train_checkpoints import check_finished_adapter, claim_run, run_identity

@@ -107,4 +107,5 @@ def read_unit(unit: WorkUnit, columns: list[str]) -> pa.Table:
 
 def derived_ids(unit: WorkUnit) -> pa.Array:
     """`<file key>:<row index in the file>` for inputs without an id column: stable while the inputs are."""
-    return pa.array([f"{unit.file_key}{DERIVED_ID_SEPARATOR}{row}" for row in range(unit.start, unit.stop)], pa.string())
+    return pa.array([f"{unit.file_key}{DERIVED_ID_SEPARATOR}{row}" for row in range(unit.start, unit.stop)],
+                    pa.string())

@@ -12,7 +12,8 @@ def test_ece_is_zero_for_calibrated_scores_and_the_gap_for_overconfident_ones():
     # Every row scored 0.9 but only half are positive: off by 0.4 everywhere.
     assert expected_calibration_error([1, 0, 1, 0], [0.9] * 4) == pytest.approx(0.4)
     # Two bins, weighted by rows: 3 rows at 0.95 all positive (gap 0.05), 1 row at 0.05 positive (gap 0.95).
-    assert expected_calibration_error([1, 1, 1, 1], [0.95, 0.95, 0.95, 0.05]) == pytest.approx(0.75 * 0.05 + 0.25 * 0.95)
+    assert (expected_calibration_error([1, 1, 1, 1], [0.95, 0.95, 0.95, 0.05])
+            == pytest.approx(0.75 * 0.05 + 0.25 * 0.95))
 
 
 def test_brier_score():

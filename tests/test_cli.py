@@ -56,9 +56,12 @@ def test_evaluate_command_on_scored_output(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["score", "--input", "{tmp}/none-*.parquet", "--output", "{tmp}/out", "--adapter", "{adapter}"], "no Parquet files match"),
-    (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--adapter", "{tmp}"], "not a sentiment_ray adapter"),
-    (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--text-column", "body", "--adapter", "{adapter}"], "no text column 'body'"),
+    (["score", "--input", "{tmp}/none-*.parquet", "--output", "{tmp}/out", "--adapter", "{adapter}"],
+     "no Parquet files match"),
+    (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--adapter", "{tmp}"],
+     "not a sentiment_ray adapter"),
+    (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--text-column", "body",
+      "--adapter", "{adapter}"], "no text column 'body'"),
     (["finetune", "--config", "{tmp}/missing.yaml"], "does not exist"),
     (["predict", "hello"], "needs --adapter"),
     (["score", "--input", "{tmp}/in.parquet", "--output", "ftp://host/out", "--adapter", "{adapter}"],

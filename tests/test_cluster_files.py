@@ -143,7 +143,8 @@ def test_cluster_yaml_has_gpu_worker_type(launcher_config):
 
 
 def test_cluster_yaml_docker_image_matches_ray(launcher_config):
-    images = [launcher_config["docker"][key] for key in ("image", "head_image", "worker_image") if key in launcher_config["docker"]]
+    images = [launcher_config["docker"][key] for key in ("image", "head_image", "worker_image")
+              if key in launcher_config["docker"]]
     assert images, "docker.image is not set"
     for image in images:
         assert _image_tag(image).startswith(ray.__version__), f"{image}: tag should start with Ray {ray.__version__}"
@@ -256,7 +257,8 @@ def test_rayjob_ray_version_matches_installed_ray(manifest):
     for group, pod in _containers(cluster_spec):
         for container in pod["containers"]:
             tag = _image_tag(container["image"])
-            assert tag.startswith(ray.__version__), f"{path.name} {group}: image {container['image']} is not Ray {ray.__version__}"
+            assert tag.startswith(ray.__version__), (f"{path.name} {group}: image {container['image']} "
+                                                     f"is not Ray {ray.__version__}")
 
 
 def test_rayjob_entrypoint_runs_expected_script(manifest):

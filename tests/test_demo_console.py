@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent("""
     print("before the demo", flush=True)
     with demo_console(Path(sys.argv[1]), logging.INFO) as console:
         logging.getLogger("sentiment_ray.demo").info("[1/5] a step")
-        logging.getLogger("sentiment_ray.scoring.job").info("a line of the library: rows into %s", Path(sys.argv[1]).parent / "scored")
+        logging.getLogger("sentiment_ray.scoring.job").info("a line of the library: rows into %s",
+                                                            Path(sys.argv[1]).parent / "scored")
         logging.getLogger("sentiment_ray.scoring.job").debug("a debug line of the library")
         logging.getLogger("sentiment_ray.train").warning("a warning")
         print("a print of Python")
@@ -52,7 +53,8 @@ def test_the_console_keeps_the_steps_and_the_log_file_takes_the_rest(tmp_path):
     assert result.stderr.splitlines()[-1].endswith(" INFO sentiment_ray.x: the CLI's handler is back")
     assert "a print of Python" not in result.stderr
     log = log_file.read_text()
-    for line in ("INFO sentiment_ray.demo: [1/5] a step", "DEBUG sentiment_ray.scoring.job: a debug line of the library",
+    for line in ("INFO sentiment_ray.demo: [1/5] a step",
+                 "DEBUG sentiment_ray.scoring.job: a debug line of the library",
                  "WARNING sentiment_ray.train: a warning", "a print of Python", "a write to stderr", "a subprocess",
                  "its stderr", "a write to file descriptor 2", "a line of Ray"):
         assert line in log, line

@@ -57,7 +57,8 @@ def test_the_cli_writes_the_set_once_and_never_over_a_file(tmp_path, capsys):
     pq.write_table(pa.table({"id": ["a", "b"], "text": [REVIEW, REVIEW], "label": [1, 0]}), source)
     out = tmp_path / "dev_excerpts.parquet"
     assert main(["excerpts", "--input", str(source), "--output", str(out), "--seed", "5"]) == 0
-    assert pq.read_table(out).num_rows == 2 and f"2 excerpts of 8-60 words (seed 5) written to {out}" in capsys.readouterr().out
+    assert (pq.read_table(out).num_rows == 2
+            and f"2 excerpts of 8-60 words (seed 5) written to {out}" in capsys.readouterr().out)
     before = out.read_bytes()
     assert main(["excerpts", "--input", str(source), "--output", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before

@@ -107,7 +107,8 @@ def test_unsloth_worker_killed_mid_training_resumes_from_its_checkpoint(ray_sess
 
 def _dev_reviews(rows: int) -> list[str]:
     """IMDB dev reviews: `.data/imdb` where the GPU command carries it, else the shared data beside the checkout."""
-    for path in (REPO_ROOT / ".data" / "imdb" / "dev.parquet", REPO_ROOT.parent / "shared" / "data" / "imdb" / "dev.parquet"):
+    for path in (REPO_ROOT / ".data" / "imdb" / "dev.parquet",
+                 REPO_ROOT.parent / "shared" / "data" / "imdb" / "dev.parquet"):
         if path.exists():
             return pq.read_table(path, columns=["text"]).column("text").to_pylist()[:rows]
     pytest.fail("IMDB dev.parquet not found: carry .data/imdb/dev.parquet (docs/BENCHMARKS.md)")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO_ROOT, write_reviews
 from sentiment_ray.tiny_model import synthetic_reviews
+from tests.conftest import REPO_ROOT, write_reviews
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -43,7 +43,7 @@ def ray_head(tmp_path):
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="sr-head-", dir="/tmp")
-    log = open(tmp_path / "head.log", "w")
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - the head writes it until the teardown stops the head
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
@@ -80,7 +80,8 @@ def test_submit_finetune_then_score(ray_head, tiny_model_dir, tmp_path):
     reviews = tmp_path / "reviews"
     reviews.mkdir()
     for part in range(3):
-        write_reviews(reviews / f"p{part}.parquet", texts[part::3], ids=[f"{part}-{i}" for i in range(len(texts[part::3]))])
+        write_reviews(reviews / f"p{part}.parquet", texts[part::3],
+                      ids=[f"{part}-{i}" for i in range(len(texts[part::3]))])
     adapter, scored = tmp_path / "adapter", tmp_path / "scored"
 
     _submit(address, env, "jobs/finetune.py", "--config", "configs/finetune/tiny_test.yaml",

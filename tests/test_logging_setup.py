@@ -12,8 +12,8 @@ import pytest
 from sentiment_ray.cli import main
 from sentiment_ray.logging_setup import (
     LEVEL_ENV,
-    CurrentStderrHandler,
     PACKAGE_LOGGER,
+    CurrentStderrHandler,
     configure_logging,
     configure_worker_logging,
     level_from_env,

@@ -73,7 +73,8 @@ def test_multi_token_label_word_is_refused(tokenizer):
 
 def test_max_length_too_small_for_the_template(tokenizer):
     with pytest.raises(PromptError, match="raise max_length"):
-        PromptEncoder(PromptSpec(template="Review of the film, in full: {text}\nSentiment of it:", max_length=12), tokenizer)
+        PromptEncoder(PromptSpec(template="Review of the film, in full: {text}\nSentiment of it:", max_length=12),
+                      tokenizer)
 
 
 def test_cleaning_replaces_html_breaks():

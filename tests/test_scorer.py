@@ -64,7 +64,8 @@ def test_tokenizer_that_disagrees_with_training_is_refused(random_adapter, tiny_
 
 
 def test_zero_shot_uses_the_base_model(tiny_model_dir):
-    scorer = SentimentScorer.zero_shot(ModelConfig(name_or_path=str(tiny_model_dir), backend="hf", dtype="float32"), SPEC)
+    scorer = SentimentScorer.zero_shot(ModelConfig(name_or_path=str(tiny_model_dir), backend="hf", dtype="float32"),
+                                       SPEC)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     expected = [_direct_probability(base, scorer.encoder, t) for t in TEXTS[:2]]
     assert scorer.score_texts(TEXTS[:2]).scores == pytest.approx(expected, abs=1e-5)
@@ -132,7 +133,8 @@ def test_text_that_tokenizes_to_nothing_is_marked(random_adapter, monkeypatch):
     def drops_the_vanishing_word(self, text, *args, **kwargs):  # a tokenizer whose normalizer removes a text
         encoded = real_call(self, text, *args, **kwargs)
         if isinstance(text, list):
-            encoded["input_ids"] = [[] if t.strip() == "vanishing" else ids for t, ids in zip(text, encoded["input_ids"])]
+            encoded["input_ids"] = [[] if t.strip() == "vanishing" else ids
+                                    for t, ids in zip(text, encoded["input_ids"])]
         return encoded
 
     monkeypatch.setattr(type(tokenizer), "__call__", drops_the_vanishing_word)

@@ -10,6 +10,7 @@ RAY_TMPDIR), and whatever it starts dies with its process group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -115,7 +116,8 @@ def run_scenario(scenario: dict) -> dict:
 
         records = Path(os.environ[RECORDS_ENV])
         started = time.time()
-        result["uninterrupted"] = run_scoring(_score_config(scenario, scenario["uninterrupted"], cluster.address)).to_dict()
+        result["uninterrupted"] = run_scoring(_score_config(scenario, scenario["uninterrupted"],
+                                                            cluster.address)).to_dict()
         result["uninterrupted_seconds"] = time.time() - started
         result["uninterrupted_actors"] = [json.loads(p.read_text()) for p in sorted(records.iterdir())]
         for record in records.iterdir():
@@ -171,10 +173,9 @@ def cluster_runs(random_adapter, tmp_path_factory) -> tuple[dict, Path]:
             process.wait()
             pytest.fail(f"the cluster scenario did not end within 780 s: {(work / 'cluster.log').read_text()[-5000:]}")
         finally:
-            try:  # anything of the cluster's that outlived its driver (raylets, workers) in its process group
+            # anything of the cluster's that outlived its driver (raylets, workers) in its process group
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             shutil.rmtree(ray_tmp, ignore_errors=True)
     assert process.returncode == 0, (work / "cluster.log").read_text()[-8000:]
     return json.loads(Path(scenario["result"]).read_text()), work

@@ -270,10 +270,11 @@ def test_unreadable_files_fail_the_job_or_are_skipped_and_reported(ray_session, 
 def test_attempts_that_kill_the_actor_are_counted_per_driver_run(ray_session):
     """A batch is started again within one run only after the actor scoring it died; the ledger that counts the
     starts is the run's own, so a killed driver's attempts never count against a batch."""
+    from types import SimpleNamespace
+
     import ray
 
     from sentiment_ray.scoring.stages import BATCH_ATTEMPTS, ScoreStage, run_ledger
-    from types import SimpleNamespace
 
     first_run = run_ledger("first-run")
     for _ in range(BATCH_ATTEMPTS):  # the actor died mid-batch each time: starts pile up within the run

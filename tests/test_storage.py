@@ -418,7 +418,14 @@ def test_evaluate_reads_scored_output_and_labels_from_s3(tmp_path, s3_folder):
 
 
 def test_evaluate_writes_its_output_to_s3(tmp_path, s3_folder):
-    from sentiment_ray.evaluate import CONFUSION_PLOT, HISTOGRAM_PLOT, METRICS_FILE, RELIABILITY_PLOT, ROC_PLOT, evaluate
+    from sentiment_ray.evaluate import (
+        CONFUSION_PLOT,
+        HISTOGRAM_PLOT,
+        METRICS_FILE,
+        RELIABILITY_PLOT,
+        ROC_PLOT,
+        evaluate,
+    )
 
     scored, labels = _scored_and_labels(tmp_path, s3_folder)
     out = s3_folder.join("eval")

@@ -41,7 +41,8 @@ def trained(ray_session, tiny_model_dir, synthetic_train_file, tmp_path_factory)
 def test_learning_check_reaches_90_percent_on_separable_data(trained, tiny_model_dir):
     result, _ = trained
     texts, labels = synthetic_reviews(200, seed=99)  # held out: another seed than the training rows
-    scorer = SentimentScorer.from_adapter(result["adapter_dir"], ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    scorer = SentimentScorer.from_adapter(result["adapter_dir"],
+                                          ModelConfig(name_or_path="", backend="hf", dtype="float32"))
     scores = scorer.score_texts(texts).scores
     accuracy = sum(int(s >= 0.5) == y for s, y in zip(scores, labels)) / len(labels)
     assert accuracy >= 0.9, f"accuracy {accuracy:.3f} after finetuning; loss {result['metrics']['train_loss']}"
@@ -86,7 +87,8 @@ def test_the_temperature_is_fitted_on_the_held_out_rows_and_scoring_applies_it(t
 
     order = list(range(len(texts)))
     random.Random(cfg.data.shuffle_seed).shuffle(order)
-    scorer = SentimentScorer.from_adapter(result["adapter_dir"], ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    scorer = SentimentScorer.from_adapter(result["adapter_dir"],
+                                          ModelConfig(name_or_path="", backend="hf", dtype="float32"))
     assert scorer.temperature == meta.temperature
     margins = scorer.logit_margins([texts[i] for i in order[:64]])
     refit = fit_temperature(margins, [labels[i] for i in order[:64]])

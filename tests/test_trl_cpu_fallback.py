@@ -27,7 +27,8 @@ def test_outputs_match_the_definitions():
 def test_softcapping_and_unrequested_outputs():
     hidden, weight = torch.randn(3, 8), torch.randn(10, 8)
     targets = torch.tensor([1, 2, 3])
-    log_probs, entropy, *_ = TorchLogProbFunction.apply(hidden, weight, None, targets, 1.0, 1024, 5.0, 1.0, ("log_probs",))
+    log_probs, entropy, *_ = TorchLogProbFunction.apply(hidden, weight, None, targets, 1.0, 1024, 5.0, 1.0,
+                                                        ("log_probs",))
     logits = 5.0 * torch.tanh((hidden @ weight.t()) / 5.0)
     torch.testing.assert_close(log_probs, logits.log_softmax(-1)[torch.arange(3), targets])
     assert entropy is None

@@ -25,7 +25,8 @@ def test_units_follow_row_groups_and_cover_every_row_once(tmp_path):
     assert [(u.start, u.stop) for u in units if u.file == big] == [(s, s + 100) for s in range(0, 1000, 100)]
     assert len({u.name for u in units}) == len(units)
     for path, rows in ((small, 250), (big, 1000)):
-        ids = [i for u in units if u.file == path for i in read_unit(u, ["id", "text", "absent"]).column("id").to_pylist()]
+        ids = [i for u in units if u.file == path
+               for i in read_unit(u, ["id", "text", "absent"]).column("id").to_pylist()]
         assert ids == list(range(rows))  # in order, none twice, none missing
 
 

@@ -77,7 +77,8 @@ def _module(backend: str):
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int, gradient_checkpointing: bool, seed: int):
+def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int, gradient_checkpointing: bool,
+                      seed: int):
     """(peft model ready to train, tokenizer, backend name)."""
     backend = resolve_backend(model.backend)
     peft_model, tokenizer = _module(backend).load_for_training(

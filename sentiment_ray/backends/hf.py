@@ -36,7 +36,8 @@ def _load_base(model: ModelConfig, path: str):
     return base, load_tokenizer(model, path)
 
 
-def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int, gradient_checkpointing: bool, seed: int):
+def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int, gradient_checkpointing: bool,
+                      seed: int):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from sentiment_ray.backends import resolve_model_path

@@ -23,7 +23,8 @@ def _dtype(model: ModelConfig):
     return None if model.dtype == "auto" else torch_dtype(model.dtype)  # None lets Unsloth pick bf16/fp16
 
 
-def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int, gradient_checkpointing: bool, seed: int):
+def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int, gradient_checkpointing: bool,
+                      seed: int):
     from sentiment_ray.backends import resolve_model_path
 
     fast = _fast_language_model()

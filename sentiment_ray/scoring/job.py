@@ -148,7 +148,8 @@ def _already_finished(output: ScoreOutput, plan: ScorePlan) -> ScoreManifest:
     recorded = manifest.plan_settings
     if recorded is None:
         raise OutputExistsError(f"output {output.folder} is complete, but its manifest predates the record of its "
-                                "inputs, so --resume cannot check that it matches them; pass --overwrite to score again")
+                                "inputs, so --resume cannot check that it matches them; "
+                                "pass --overwrite to score again")
     changed = [key for key, value in plan.settings.items() if recorded.get(key) != value]
     if changed:
         raise OutputExistsError(f"output {output.folder} is complete, but it was scored from other "

@@ -228,7 +228,8 @@ def _check_writable(folder: Location) -> None:
         probe.write_bytes(b"")
         probe.delete(missing_ok=True)
     except OSError as exc:
-        raise OutputNotWritableError(f"output {folder}: cannot write there ({exc}); choose a writable location") from None
+        raise OutputNotWritableError(f"output {folder}: cannot write there ({exc}); "
+                                     "choose a writable location") from None
 
 
 def open_score_output(output: str, overwrite: bool, resume: bool, resume_if_exists: bool = False) -> ScoreOutput:

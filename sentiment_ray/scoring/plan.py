@@ -85,7 +85,8 @@ def check_inputs(cfg: ScoreConfig) -> ScoreInputs:
     id_column = cfg.id_column or DEFAULT_ID_COLUMN
     clash = sorted(set(cfg.keep_columns) & (set(PREDICTION_COLUMNS) | {id_column}))
     if clash:
-        raise InputError(f"keep_columns {clash} would collide with the id or prediction columns {list(PREDICTION_COLUMNS)}")
+        raise InputError(f"keep_columns {clash} would collide with the id or prediction columns "
+                         f"{list(PREDICTION_COLUMNS)}")
     files, unreadable, schemas = [], [], {}
     for path in resolve_parquet_files(cfg.input):
         try:

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 
 from sentiment_ray.data import InputError, one_line, unvalidated_type
 from sentiment_ray.faults import FaultPlan
-from sentiment_ray.metrics import ScoreStageRecorder
 from sentiment_ray.logging_setup import configure_worker_logging
+from sentiment_ray.metrics import ScoreStageRecorder
 from sentiment_ray.work_units import WorkUnit, derived_ids, read_unit
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,8 @@ class ScoreStage:
         key = (int(batch.column(UNIT_COLUMN)[0].as_py()), int(batch.column(ROW_COLUMN)[0].as_py()))
         attempts = ray.get(self.ledger.begin.remote(key))
         if attempts > BATCH_ATTEMPTS:
-            raise InputError(f"{self.files[self.unit_files[key[0]]]} rows {key[1]}-{key[1] + batch.num_rows - 1}: {BATCH_ATTEMPTS} attempts in "
+            raise InputError(f"{self.files[self.unit_files[key[0]]]} rows {key[1]}-{key[1] + batch.num_rows - 1}: "
+                             f"{BATCH_ATTEMPTS} attempts in "
                              "this run ended with the scoring process dying; a row there crashes the process "
                              "(memory?). Fix or remove it, then rerun with --resume")
         statuses = batch.column("status").to_pylist()
@@ -321,8 +322,10 @@ class ScoreStage:
         label_ids = [None if s is None else int(s >= self.threshold) for s in scores]
         from sentiment_ray.labels import CLASS_NAMES
 
-        out = batch.drop_columns([c for c in (TOKENS_COLUMN, FAULT_COLUMN, "status", "error") if c in batch.column_names])
-        out = out.append_column("label", pa.array([None if i is None else CLASS_NAMES[i] for i in label_ids], pa.string()))
+        out = batch.drop_columns([c for c in (TOKENS_COLUMN, FAULT_COLUMN, "status", "error")
+                                  if c in batch.column_names])
+        out = out.append_column("label", pa.array([None if i is None else CLASS_NAMES[i] for i in label_ids],
+                                                  pa.string()))
         out = out.append_column("label_id", pa.array(label_ids, pa.int8()))
         out = out.append_column("score", pa.array(scores, pa.float64()))
         out = out.append_column("status", pa.array(statuses, pa.string()))

@@ -6,6 +6,7 @@ and the scores of rows scored twice (before and after a crash) agree (tests/conf
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -330,6 +331,14 @@ def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(ra
     _assert_same_as_reference(out, reference)
 
 
+def _printed_json(stdout: str) -> dict:
+    """The command's JSON result from its stdout, where Ray may have printed lines of its own (a raylet warning
+    about worker processes, forwarded worker output) before or after it."""
+    found = re.search(r"^\{$.*?^\}$", stdout, re.M | re.S)
+    assert found, f"no JSON object in the command's output: {stdout[-500:]!r}"
+    return json.loads(found.group(0))
+
+
 def test_a_job_run_again_with_resume_if_exists_finishes_the_first_runs_work(ray_session, random_adapter, tmp_path,
                                                                             monkeypatch, capsys):
     """What a retried RayJob does: the same `score` command line, run again after the first run died, finishes
@@ -365,7 +374,7 @@ def test_a_job_run_again_with_resume_if_exists_finishes_the_first_runs_work(ray_
     capsys.readouterr()
 
     assert main(command) == 0  # the retry: the same command line
-    summary = json.loads(capsys.readouterr().out)
+    summary = _printed_json(capsys.readouterr().out)
     assert (summary["units"]["committed_before_this_run"], summary["units"]["scored_this_run"]) == (4, 4)
     assert summary["rows_scored_this_run"] == 200 and summary["rows_out"] == summary["rows_in"] == 400
     table = pq.read_table(out, columns=["id", "score"])
@@ -374,7 +383,7 @@ def test_a_job_run_again_with_resume_if_exists_finishes_the_first_runs_work(ray_
 
     finished = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(command) == 0  # once more, on the finished output: reported, nothing scored or rewritten
-    again = json.loads(capsys.readouterr().out)
+    again = _printed_json(capsys.readouterr().out)
     assert (again["rows_out"], again["units"]["scored_this_run"]) == (400, 4)  # the manifest's, as written
     assert {p.name: p.read_bytes() for p in out.iterdir()} == finished
 

@@ -36,6 +36,8 @@ from sentiment_ray.metadata import (
 )
 from sentiment_ray.prompt import PromptEncoder, PromptSpec
 
+logger = logging.getLogger(__name__)
+
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty_text"  # null, empty or whitespace-only text (after cleaning): no score, row kept
 STATUS_NON_STRING = "non_string_text"  # a number, a list, ... in the text column: no score, row kept
@@ -47,7 +49,6 @@ ROW_STATUSES = (STATUS_OK, STATUS_EMPTY, STATUS_NON_STRING, STATUS_NO_TOKENS, ST
 # this many characters per budget token can never survive truncation (tokens are far shorter), so it is cut
 # before tokenizing, on the side the truncation policy drops.
 CHARS_PER_TOKEN_BOUND = 64
-logger = logging.getLogger(__name__)
 ERROR_MESSAGE_CHARS = 500
 
 
@@ -303,10 +304,6 @@ class SentimentScorer:
                 logits = self._softcap * torch.tanh(logits / self._softcap)
         return logits
 
-    def label_logits(self, prompts: list[list[int]]):
-        """[batch, 2] float32 logits of (negative, positive) at each prompt's last position; one forward pass."""
-        return self._logits_of(*self._padded(prompts))
-
     def forward_groups(self, lengths: list[int]) -> list[list[int]]:
         """Row indices per eager forward pass: all rows at once, or length-sorted groups within the token budget."""
         if not self.max_batch_tokens:
@@ -319,7 +316,8 @@ class SentimentScorer:
             current.append(row)
         return groups + [current] if current else groups
 
-    def _shaped_logits(self, prompts: list[list[int]], width: int, rows: int):
+    def _forward_logits(self, prompts: list[list[int]], width: int | None, rows: int | None):
+        """[len(prompts), 2] logits of one forward pass, padded to `width` x `rows` (None: as the prompts need)."""
         input_ids, last = self._padded(prompts, width, rows)
         if self._graphs is not None:
             try:
@@ -334,15 +332,14 @@ class SentimentScorer:
         """(logit(positive) - logit(negative) per prompt as a device tensor, prompt order of the tensor's rows)."""
         import torch
 
+        lengths = [len(p) for p in prompts]
         if self.buckets is not None:
-            forwards = self.buckets.plan([len(p) for p in prompts])
-            order = [j for f in forwards for j in f.rows]
-            logits = [self._shaped_logits([prompts[j] for j in f.rows], f.width, f.padded_rows) for f in forwards]
+            forwards = [(f.rows, f.width, f.padded_rows) for f in self.buckets.plan(lengths)]
         else:
-            groups = self.forward_groups([len(p) for p in prompts])
-            order = [j for group in groups for j in group]
-            logits = [self.label_logits([prompts[j] for j in group]) for group in groups]
-        logits = torch.cat(logits)
+            forwards = [(group, None, None) for group in self.forward_groups(lengths)]
+        order = [j for rows, _, _ in forwards for j in rows]
+        logits = torch.cat([self._forward_logits([prompts[j] for j in rows], width, padded)
+                            for rows, width, padded in forwards])
         return logits[:, 1] - logits[:, 0], order
 
     def _in_prompt_order(self, values, order: list[int]) -> list[float]:

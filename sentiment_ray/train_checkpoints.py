@@ -107,17 +107,24 @@ def check_finished_adapter(final: Location, identity: dict) -> AdapterMetadata:
     return metadata
 
 
-def report_checkpoints_callback():
-    """A TrainerCallback that reports each `checkpoint-N` the Trainer saves to Ray Train."""
+def report_checkpoints_callback(rank: int = 0):
+    """A TrainerCallback that reports each `checkpoint-N` the Trainer saves to Ray Train.
+
+    With several workers only worker 0 has the folder (the Trainer saves on process 0; the other workers' RNG
+    states stay on their disks, unused: the data order does not depend on them) and attaches it; the others report
+    the step without a checkpoint, because Ray Train waits for every worker at each report."""
     from transformers import TrainerCallback
 
     class ReportCheckpointsToRay(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             import ray.train
 
+            metrics = {"step": state.global_step, "checkpoint_kind": "trainer"}
+            if rank != 0:
+                ray.train.report(metrics)
+                return
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            ray.train.report({"step": state.global_step, "checkpoint_kind": "trainer"},
-                             checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                              checkpoint_dir_name=f"trainer-step-{state.global_step:08d}")
 
     return ReportCheckpointsToRay()

@@ -11,8 +11,8 @@ The order (the same for 1 or N workers, and for every restart of a run):
   - The fingerprint is a sha256 over the 8-byte blake2b digest of (label, trained text) of each row in training
     order: the data the adapter trains on, whatever read it.
 
-The driver makes one streaming pass over the Parquet files (batches of `SCAN_BATCH_ROWS` rows, checked as
-`load_labeled_parquet` checks them) and keeps per row only an int64 position, an 8-byte digest and a label byte
+The driver makes one streaming pass over the Parquet files (a row group at a time, so its memory is bounded by
+the largest row group; checked as `load_labeled_parquet` checks them) and keeps per row only an int64 position, an 8-byte digest and a label byte
 (~17 bytes/row: 3.4 MB at 200k rows), plus the held-out rows themselves. `hf:` datasets are still loaded on the
 driver (`load_rows`), with the same order, excerpts and fingerprint.
 
@@ -181,7 +181,7 @@ def scan_training_data(cfg: FinetuneConfig) -> TrainingData:
     first = 0
     for path, parquet in zip(files, parquets):
         row = 0
-        for batch in parquet.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=[data.text_column, data.label_column]):
+        for batch in _row_group_batches(parquet, [data.text_column, data.label_column]):
             texts, batch_labels = validated_rows(pa.Table.from_batches([batch]), path, data.text_column,
                                                  data.label_column, first_row=row)
             places = order.positions[first + row:first + row + len(texts)]
@@ -198,6 +198,16 @@ def scan_training_data(cfg: FinetuneConfig) -> TrainingData:
     held_out = HeldOutRows([held[p][0] for p in range(calibration)], [held[p][1] for p in range(calibration)])
     info = _info(cfg, files, labels, bytes(digests), int(mask.sum()), held_out)
     return TrainingData(info, held_out, order, pieces)
+
+
+def _row_group_batches(parquet, columns: list[str]):
+    """The file's rows in batches, one row group read at a time without threads. Not `iter_batches`: measured on
+    200k and 1M-row files, its reader's memory grew with the file (+85 MB at 200k rows, +176 MB at 1M), reading row
+    group by row group stayed flat (+53 MB at 20k rows, +63 MB at 1M: the allocator's cache)."""
+    for group in range(parquet.metadata.num_row_groups):
+        table = parquet.read_row_group(group, columns=columns, use_threads=False)
+        yield from table.to_batches(SCAN_BATCH_ROWS)
+        del table
 
 
 def load_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict, HeldOutRows]:

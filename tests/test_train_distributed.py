@@ -109,6 +109,20 @@ def test_the_streaming_pass_agrees_with_loading_the_rows(tiny_model_dir, tmp_pat
     assert [labels[g] for g in by_place[40:240]] == loaded_labels
 
 
+def test_an_hf_dataset_loaded_on_the_driver_gets_the_same_order_and_fingerprint(tmp_path, monkeypatch):
+    from sentiment_ray import train_data
+
+    texts, labels = synthetic_reviews(50, seed=5)
+    path = write_reviews(tmp_path / "rows.parquet", texts, labels)
+    monkeypatch.setattr(train_data, "load_labeled_hf", lambda *args: (texts, labels))
+    overrides = [f"output_dir={tmp_path / 'out'}", "data.limit=30", "data.calibration_rows=10"]
+    config = REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml"
+    from_hub = scan_training_data(load_config(FinetuneConfig, config, ["data.train=hf:example/reviews", *overrides]))
+    from_parquet = scan_training_data(load_config(FinetuneConfig, config, [f"data.train={path}", *overrides]))
+    assert from_hub.info["fingerprint"] == from_parquet.info["fingerprint"] and from_hub.held_out == from_parquet.held_out
+    assert from_hub.hf_table.column("position").to_pylist() == list(range(30))
+
+
 def test_each_worker_holds_every_n_th_row_and_its_batches_are_slices_of_the_global_batch():
     shares = [WorkerShare.of(11, rank, 2) for rank in range(2)]
     assert [s.rows for s in shares] == [5, 5]  # one row left out: equal shares
@@ -131,24 +145,20 @@ def test_group_by_length_is_refused_with_several_workers(tiny_model_dir, tmp_pat
 
 # --- the driver's memory does not grow with the rows ---------------------------------------------------
 
+# Run in a fresh process per size: ru_maxrss is the peak of the process's whole life (KiB on Linux).
 RSS_SCRIPT = """
-import json, sys, threading, time, psutil
-process, peak, done = psutil.Process(), [0], threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], process.memory_info().rss); time.sleep(0.02)
-threading.Thread(target=sample, daemon=True).start()
+import json, resource, sys
 import ray
 from sentiment_ray.config import FinetuneConfig, load_config
 from sentiment_ray.train import run_finetune
 ray.init(address="local", num_cpus=3, include_dashboard=False, _temp_dir=sys.argv[3], log_to_driver=False)
-start = process.memory_info().rss
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 cfg = load_config(FinetuneConfig, sys.argv[4], [f"model.name_or_path={sys.argv[1]}", f"data.train={sys.argv[2]}",
     f"output_dir={sys.argv[3]}/adapter", "data.limit=null", "train.max_steps=2", "train.batch_size=4",
     "ray.num_workers=2", "train.checkpoint_steps=0", "prompt.max_length=32"])
 run_finetune(cfg)
-done.set(); ray.shutdown()
-print("RSS " + json.dumps({"start": start, "peak": peak[0]}))
+ray.shutdown()
+print("RSS " + json.dumps({"start": start, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 WORDS = np.array("good bad great awful fine dull film plot acting story music scenes end".split())

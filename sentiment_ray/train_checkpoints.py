@@ -42,6 +42,10 @@ def run_identity(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IDENTITY}
     identity = {"data_fingerprint": data_fingerprint, "model": model, "lora": dataclasses.asdict(cfg.lora),
                 "prompt": dataclasses.asdict(cfg.prompt), "train": train}
+    if cfg.ray.num_workers > 1:
+        # The global batch, the rows each worker holds and the steps per epoch depend on it. Absent for one worker,
+        # so that runs and adapters recorded before ray.num_workers existed keep their identity.
+        identity["num_workers"] = cfg.ray.num_workers
     return json.loads(json.dumps(identity))  # as read back from storage: tuples become lists
 
 
@@ -84,6 +88,8 @@ def recorded_identity(metadata: AdapterMetadata) -> dict | None:
                                   train=build_config(TrainConfig, training))
     except ConfigError:  # settings this release no longer has, or no longer accepts
         return None
+    workers = metadata.metrics.get("num_workers", 1)  # adapters from before ray.num_workers: one worker
+    recorded = dataclasses.replace(recorded, ray=dataclasses.replace(recorded.ray, num_workers=int(workers)))
     return run_identity(recorded, fingerprint)
 
 

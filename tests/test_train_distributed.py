@@ -9,6 +9,7 @@ ADAPTER_TOLERANCE) and 1e-4 on the loss.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -141,6 +142,22 @@ def test_group_by_length_is_refused_with_several_workers(tiny_model_dir, tmp_pat
         _config(tiny_model_dir, tmp_path / "x.parquet", tmp_path, "x", "ray.num_workers=2", "train.group_by_length=true")
     with pytest.raises(ConfigError, match="ray.num_workers must be > 0"):
         _config(tiny_model_dir, tmp_path / "x.parquet", tmp_path, "x", "ray.num_workers=0")
+
+
+def test_the_number_of_workers_is_part_of_the_run_identity(tiny_model_dir, tmp_path):
+    from sentiment_ray.metadata import AdapterMetadata
+    from sentiment_ray.train_checkpoints import recorded_identity, run_identity
+
+    one = _config(tiny_model_dir, tmp_path / "x.parquet", tmp_path, "x")
+    two = _config(tiny_model_dir, tmp_path / "x.parquet", tmp_path, "x", "ray.num_workers=2")
+    assert "num_workers" not in run_identity(one, "f")  # runs recorded before ray.num_workers keep their identity
+    assert run_identity(two, "f") == {**run_identity(one, "f"), "num_workers": 2}
+    model = {k: v for k, v in dataclasses.asdict(two.model).items() if k != "base_model_id"}  # read on any base
+    metadata = AdapterMetadata(base_model="b", backend="hf", prompt=two.prompt, label_token_ids=[1, 2],
+                               lora=dataclasses.asdict(two.lora), data={"fingerprint": "f"},
+                               training={**dataclasses.asdict(two.train), "model": model}, metrics={"num_workers": 2})
+    assert recorded_identity(metadata) == run_identity(two, "f")
+    assert recorded_identity(dataclasses.replace(metadata, metrics={})) == run_identity(one, "f")
 
 
 # --- the driver's memory does not grow with the rows ---------------------------------------------------

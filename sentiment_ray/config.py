@@ -163,7 +163,14 @@ class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS / a running local cluster / start one; "local": a private one
     num_cpus: int | None = None  # only when this process starts Ray itself (default: cores + 1)
     use_gpu: bool = False
+    # Finetuning: Ray Train workers training one adapter data-parallel (DDP; gloo on CPU, nccl on GPU), each
+    # with `cpus_per_worker` CPUs and, with use_gpu, `gpus_per_worker` GPUs. The global batch is
+    # train.batch_size x num_workers x train.gradient_accumulation_steps: to keep a one-worker recipe, divide
+    # train.batch_size by num_workers; to grow the global batch instead, scale the learning rate with it
+    # (linear for small factors, sqrt(factor) as configs/finetune/smollm2_gpu.yaml did from 32 to 64).
+    num_workers: int = 1
     cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # only with use_gpu (Unsloth and DDP want one whole GPU per worker)
     storage_path: str | None = None  # Ray Train checkpoints; must be shared storage on a multi-node cluster
     # A rerun with the same run_name and storage_path resumes that run from its latest checkpoint.
     run_name: str | None = None
@@ -172,6 +179,8 @@ class RayConfig:
 
     def __post_init__(self):
         _positive("ray.cpus_per_worker", self.cpus_per_worker)
+        _positive("ray.num_workers", self.num_workers)
+        _positive("ray.gpus_per_worker", self.gpus_per_worker)
         _positive("ray.checkpoints_to_keep", self.checkpoints_to_keep)
         if self.max_failures < -1:
             raise ConfigError(f"ray.max_failures must be >= -1 (-1: no limit), got {self.max_failures}")
@@ -201,6 +210,11 @@ class FinetuneConfig:
         if self.resume_if_exists and not self.ray.run_name:
             raise ConfigError("resume_if_exists needs ray.run_name: without it a rerun gets a new Ray Train run "
                               "and trains from step 0 instead of resuming the earlier run's checkpoints")
+        if self.ray.num_workers > 1 and self.train.group_by_length:
+            # The length-grouped sampler orders the whole dataset; each worker holds only its share of it
+            # (sentiment_ray/train_data.py), so there is no common order to group by.
+            raise ConfigError("train.group_by_length works with ray.num_workers=1 only; set it to false to train "
+                              f"on {self.ray.num_workers} workers")
         return self
 
 

@@ -182,7 +182,7 @@ def text_values(column: pa.Array | pa.ChunkedArray) -> list:
     return [None if v is None else v.decode("utf-8", "surrogateescape") for v in column.cast(binary).to_pylist()]
 
 
-def column_values(table: pa.Table, name: str, source: str) -> list:
+def column_values(table: pa.Table, name: str, source: str, first_row: int = 0) -> list:
     """A column as Python values; a string cell holding invalid UTF-8 is an InputError naming the file, column
     and row (pyarrow's own conversion fails on such a cell without saying which row it is)."""
     column = table.column(name)
@@ -191,26 +191,29 @@ def column_values(table: pa.Table, name: str, source: str) -> list:
     values = text_values(column)
     for row, value in enumerate(values):
         if value is not None and (problem := utf8_problem(value)):
-            raise InputError(f"{source}: column {name!r} row {row}: {problem}; fix or drop such rows first")
+            raise InputError(f"{source}: column {name!r} row {first_row + row}: {problem}; fix or drop such rows first")
     return values
 
 
-def _texts(table: pa.Table, source: str, text_column: str) -> list[str]:
-    texts = column_values(table, text_column, source)
+def _texts(table: pa.Table, source: str, text_column: str, first_row: int = 0) -> list[str]:
+    texts = column_values(table, text_column, source, first_row)
     for row, text in enumerate(texts):
         if text is None or not text.strip():
             raise InputError(
-                f"{source}: column {text_column!r} row {row} is {'null' if text is None else 'empty'}; "
+                f"{source}: column {text_column!r} row {first_row + row} is {'null' if text is None else 'empty'}; "
                 "training needs text in every row (drop or fix such rows first)"
             )
     return texts
 
 
-def _validated_rows(table: pa.Table, source: str, text_column: str, label_column: str) -> tuple[list[str], list[int]]:
-    texts = _texts(table, source, text_column)
+def validated_rows(table: pa.Table, source: str, text_column: str, label_column: str,
+                   first_row: int = 0) -> tuple[list[str], list[int]]:
+    """Texts and 0/1 labels of a table (a whole file, or the batch of it starting at row `first_row`); errors
+    name the source, the column and the row in the file."""
+    texts = _texts(table, source, text_column, first_row)
     try:
-        labels = normalize_labels(column_values(table, label_column, source),
-                                  where=f"{source}: column {label_column!r}")
+        labels = normalize_labels(column_values(table, label_column, source, first_row),
+                                  where=f"{source}: column {label_column!r}", first_row=first_row)
     except LabelError as exc:
         raise InputError(str(exc)) from None
     return texts, labels
@@ -222,7 +225,7 @@ def load_labeled_parquet(pattern: str, text_column: str, label_column: str) -> t
     files = resolve_parquet_files(pattern)
     for path in files:
         table = read_checked(path, {text_column: "text", label_column: "label"})
-        file_texts, file_labels = _validated_rows(table, path, text_column, label_column)
+        file_texts, file_labels = validated_rows(table, path, text_column, label_column)
         texts += file_texts
         labels += file_labels
     return texts, labels, files
@@ -235,4 +238,4 @@ def load_labeled_hf(name: str, split: str, text_column: str, label_column: str) 
     dataset = load_dataset(name, split=split)
     source = f"hf:{name}[{split}]"
     check_columns(source, dataset.data.schema, {text_column: "text", label_column: "label"})
-    return _validated_rows(dataset.data.table, source, text_column, label_column)
+    return validated_rows(dataset.data.table, source, text_column, label_column)

@@ -32,13 +32,16 @@ def normalize_label(value: object) -> int:
         raise LabelError(f"label {value!r} is not one of 0/1 or 'negative'/'positive'") from None
 
 
-def normalize_labels(values: Iterable[object], *, where: str = "", ids: Sequence[object] | None = None) -> list[int]:
-    """Normalise a column of labels; the error names `where` (file/column) and the first offending row."""
+def normalize_labels(values: Iterable[object], *, where: str = "", ids: Sequence[object] | None = None,
+                     first_row: int = 0) -> list[int]:
+    """Normalise a column of labels; the error names `where` (file/column) and the first offending row
+    (`first_row` + its index: the values may be one batch of a file read in batches)."""
     out = []
-    for row, value in enumerate(values):
+    for index, value in enumerate(values):
         try:
             out.append(normalize_label(value))
         except LabelError as exc:
-            at = f" (id {ids[row]!r})" if ids is not None else ""
+            row = first_row + index
+            at = f" (id {ids[index]!r})" if ids is not None else ""
             raise LabelError(f"{where}: row {row}{at}: {exc}" if where else f"row {row}{at}: {exc}") from None
     return out

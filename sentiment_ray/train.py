@@ -1,8 +1,9 @@
 """The finetune job: a Ray Train `TorchTrainer` whose worker runs TRL's `SFTTrainer` with a LoRA adapter.
 
-The driver loads and checks the data, resolves the model, and starts one worker with the resources from the
-config; the worker tokenizes with the shared `PromptEncoder`, trains on the completion (the label token) only,
-and reports the adapter folder as a Ray Train checkpoint, which the driver copies to `output_dir`. Along the
+The driver checks the data in one streaming pass and fixes its order without holding the rows
+(sentiment_ray/train_data.py), resolves the model, and starts `ray.num_workers` workers (DDP) with the resources
+from the config; each worker reads its share of the rows from its Ray Dataset, tokenizes with the shared `PromptEncoder`, trains on the completion (the label token) only,
+and worker 0 reports the adapter folder as a Ray Train checkpoint, which the driver copies to `output_dir`. Along the
 way it reports resumable trainer checkpoints, so a killed worker or a rerun continues from the latest one
 (sentiment_ray/train_checkpoints.py).
 """
@@ -11,79 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from sentiment_ray.config import FinetuneConfig, FinetuneModelConfig, build_config
-from sentiment_ray.data import InputError, fingerprint, load_labeled_hf, load_labeled_parquet
-from sentiment_ray.excerpts import replace_with_excerpts
-from sentiment_ray.labels import CLASS_NAMES
+from sentiment_ray.train_data import HeldOutRows, load_rows
 from sentiment_ray.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class HeldOutRows:
-    """Labeled rows kept out of training, to fit the adapter's temperature on (DataConfig.calibration_rows)."""
-
-    texts: list[str]
-    labels: list[int]
-
-
 def load_training_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict]:
-    """The training rows, shuffled and limited, checked (InputError naming the file and row) on the driver, so
-    that bad data ends the command before Ray starts rather than inside the training worker."""
+    """The training rows in training order (after the held-out rows, the limit and the excerpts), checked on the
+    driver: for tools that want the rows themselves (benchmarks, tests). `run_finetune` does not load them
+    (sentiment_ray/train_data.py)."""
     texts, labels, info, _ = load_rows(cfg)
     return texts, labels, info
-
-
-def load_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict, HeldOutRows]:
-    """`load_training_rows`, and the held-out calibration rows taken before the limit and the excerpts."""
-    data = cfg.data
-    if data.train.startswith("hf:"):
-        texts, labels = load_labeled_hf(data.train[3:], data.hf_split, data.text_column, data.label_column)
-        files = []
-    else:
-        texts, labels, files = load_labeled_parquet(data.train, data.text_column, data.label_column)
-    order = list(range(len(texts)))
-    random.Random(data.shuffle_seed).shuffle(order)
-    if data.calibration_rows and data.calibration_rows >= len(order):
-        raise InputError(f"{data.train}: data.calibration_rows={data.calibration_rows} holds out all {len(order)} "
-                         "rows; nothing would be left to train on")
-    held_out = HeldOutRows([texts[i] for i in order[:data.calibration_rows]],
-                           [labels[i] for i in order[:data.calibration_rows]])
-    order = order[data.calibration_rows:]
-    if data.limit:
-        order = order[: data.limit]
-    texts = [texts[i] for i in order]
-    labels = [labels[i] for i in order]
-    texts, excerpts = replace_with_excerpts(texts, data.excerpt_share, data.shuffle_seed)
-    if not texts:
-        held = f" (its {len(files)} Parquet file(s) hold 0 rows)" if files else ""
-        raise InputError(f"{data.train}: no training rows{held}; finetuning needs at least one labeled review")
-    if len(set(labels)) == 1:
-        logger.warning("%s: all %d training rows are %s; the adapter will learn that one class only",
-                       data.train, len(labels), CLASS_NAMES[labels[0]])
-    info = {
-        "source": data.train,
-        "files": files,
-        "rows": len(texts),
-        "positives": sum(labels),
-        "fingerprint": fingerprint(texts, labels),
-        "text_column": data.text_column,
-        "label_column": data.label_column,
-        "shuffle_seed": data.shuffle_seed,
-        "limit": data.limit,
-        "excerpt_share": data.excerpt_share,
-        "excerpts": excerpts,
-        "calibration_rows": len(held_out.texts),
-        "calibration_fingerprint": fingerprint(held_out.texts, held_out.labels) if held_out.texts else None,
-    }
-    return texts, labels, info, held_out
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -182,8 +128,12 @@ def import_backend_first(cfg: FinetuneConfig) -> str:
 
 
 def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work_dir: str,
-                  extra_callbacks: tuple = ()) -> TrainingSetup:
-    """Model + adapter, tokenized prompt/label examples and a TRL `SFTTrainer` over them."""
+                  extra_callbacks: tuple = (), worker_order: bool | None = None) -> TrainingSetup:
+    """Model + adapter, tokenized prompt/label examples and a TRL `SFTTrainer` over them.
+
+    `worker_order`: feed the rows in their given order (first epoch) and a seeded per-epoch permutation after
+    (train_data.WorkerBatchSampler) instead of the Trainer's sampler, which under DDP would also shard rows that
+    are one worker's share already. Default: on, except with train.group_by_length (one worker only)."""
     backend_name = import_backend_first(cfg)
     import torch
     from datasets import Dataset
@@ -244,7 +194,14 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
         dataloader_persistent_workers=cfg.train.dataloader_workers > 0,
     )
     timings: dict = {}
-    trainer = SFTTrainer(
+    if worker_order is None:
+        worker_order = not cfg.train.group_by_length
+    trainer_cls = SFTTrainer
+    if worker_order:
+        from sentiment_ray.train_data import worker_order_trainer
+
+        trainer_cls = worker_order_trainer(SFTTrainer)
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -328,9 +285,19 @@ def save_adapter_folder(peft_model, tokenizer, metadata, folder: Path) -> None:
     write_adapter_card(folder, metadata)
 
 
+def training_shape(cfg: FinetuneConfig, world: int) -> dict:
+    """The batch figures recorded in the adapter's metrics: the learning rate was set for the global batch."""
+    return {"num_workers": world, "per_device_batch_size": cfg.train.batch_size,
+            "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+            "global_batch_size": cfg.train.batch_size * world * cfg.train.gradient_accumulation_steps}
+
+
 def train_worker(loop_config: dict) -> None:
-    """Ray Train worker entry point: build model and data, run SFTTrainer (resuming when Ray Train holds a
-    checkpoint of this run), report the adapter."""
+    """Ray Train worker entry point (one of `ray.num_workers`): read this worker's rows, build model and data, run
+    SFTTrainer under DDP (resuming when Ray Train holds a checkpoint of this run); worker 0 reports the adapter.
+
+    Every worker calls `ray.train.report` the same number of times (Ray Train V2 waits for all of them at each
+    report); only worker 0 attaches a checkpoint, as only it writes one (the HF Trainer saves on process 0)."""
     from sentiment_ray.logging_setup import configure_worker_logging
 
     configure_worker_logging(loop_config.get("log_level"))
@@ -341,32 +308,51 @@ def train_worker(loop_config: dict) -> None:
     from sentiment_ray import train_checkpoints
     from sentiment_ray.faults import FaultPlan
     from sentiment_ray.metadata import METADATA_FILE, AdapterMetadata, read_metadata
+    from sentiment_ray.train_data import WorkerShare, read_worker_rows
 
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.ray.use_gpu:
+        import torch
+
+        if torch.cuda.is_available():  # "cuda" in the backends then means this worker's GPU
+            import ray.train.torch
+
+            torch.cuda.set_device(ray.train.torch.get_device())
     work_dir = tempfile.mkdtemp(prefix="sentiment-ray-train-")
     restored = train_checkpoints.restore_latest(work_dir)
     if restored is not None and (restored / METADATA_FILE).exists():
         # The run had finished and reported its adapter before the failure: hand that back, train nothing.
         logger.info("the run's latest checkpoint is the finished adapter; reporting it again")
         metrics = read_metadata(restored).metrics
-        ray.train.report({**metrics, "step": metrics["steps"]},
-                         checkpoint=ray.train.Checkpoint.from_directory(restored), checkpoint_dir_name="adapter")
+        checkpoint = ray.train.Checkpoint.from_directory(restored) if rank == 0 else None
+        ray.train.report({**metrics, "step": metrics["steps"]}, checkpoint=checkpoint,
+                         checkpoint_dir_name="adapter" if checkpoint else None)
         shutil.rmtree(work_dir, ignore_errors=True)
         return
     if restored is not None:
-        logger.info("resuming from the checkpoint of step %d", train_checkpoints.checkpoint_step(restored))
-    callbacks = [_ray_train_metrics_callback(), _ray_metrics_callback(loop_config["run_name"]),
-                 train_checkpoints.report_checkpoints_callback()]
+        logger.info("worker %d: resuming from the checkpoint of step %d", rank,
+                    train_checkpoints.checkpoint_step(restored))
+    callbacks = [_ray_train_metrics_callback(), train_checkpoints.report_checkpoints_callback(rank)]
+    if rank == 0:  # one series per run: tokens seen are summed over the workers already (the Trainer gathers them)
+        callbacks.append(_ray_metrics_callback(loop_config["run_name"]))
     faults = FaultPlan(**loop_config.get("faults", {}))
-    if faults.train_exit_at_step is not None:
+    if faults.train_exit_at_step is not None and rank == world - 1:  # kill one worker: the last
         callbacks.append(train_checkpoints.fault_callback(faults))
-    setup = build_trainer(cfg, loop_config["texts"], loop_config["labels"], str(Path(work_dir) / "trainer"),
-                          extra_callbacks=tuple(callbacks))
+    share = WorkerShare.of(loop_config["training_rows"], rank, world)
+    texts, labels = read_worker_rows(share)
+    logger.info("worker %d of %d: %d training rows from its dataset shard", rank, world, len(texts))
+    setup = build_trainer(cfg, texts, labels, str(Path(work_dir) / "trainer"), extra_callbacks=tuple(callbacks))
     trainer, tokenizer, encoder, backend = setup.trainer, setup.tokenizer, setup.encoder, setup.backend
-    logger.info("training on %d examples: backend %s on %s, model loaded in %.1f s", len(setup.prompts), backend,
-                "GPU" if setup.on_gpu else "CPU", setup.load_seconds)
-    metrics = run_training(setup, resume_from=restored)
-    logger.info("trained %d steps in %.1f s (loss %s, %s tokens/s)", metrics["steps"], metrics["train_seconds"],
-                metrics["train_loss"], metrics["tokens_per_second"])
+    logger.info("worker %d: training on %d examples: backend %s on %s, model loaded in %.1f s", rank,
+                len(setup.prompts), backend, "GPU" if setup.on_gpu else "CPU", setup.load_seconds)
+    metrics = {**run_training(setup, resume_from=restored), **training_shape(cfg, world)}
+    logger.info("worker %d: trained %d steps in %.1f s (loss %s, %s tokens/s)", rank, metrics["steps"],
+                metrics["train_seconds"], metrics["train_loss"], metrics["tokens_per_second"])
+    if rank != 0:
+        ray.train.report({**metrics, "step": metrics["steps"]})
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return
     calibration = calibrate(setup, cfg, HeldOutRows(loop_config.get("calibration_texts", []),
                                                     loop_config.get("calibration_labels", [])))
 
@@ -407,7 +393,7 @@ def resolve_base_model(model: FinetuneModelConfig) -> FinetuneModelConfig:
 def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     """Train an adapter on a Ray cluster (started locally when none is running); returns its metadata dict.
     `command` (the command line, where there is one) is recorded in the adapter's metadata and model card."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from sentiment_ray import faults
@@ -423,8 +409,16 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     finished = cfg.resume_if_exists and location(cfg.output_dir).join(METADATA_FILE).is_file()
     final = location(cfg.output_dir) if finished else check_output_location_free(cfg.output_dir, cfg.overwrite,
                                                                                  METADATA_FILE)
-    texts, labels, data_info, held_out = load_rows(cfg)
-    logger.info("%d training rows from %s (fingerprint %s)", len(texts), cfg.data.train, data_info["fingerprint"])
+    from sentiment_ray.train_data import WorkerShare, scan_training_data, worker_datasets
+
+    training = scan_training_data(cfg)
+    data_info, held_out, world = training.info, training.held_out, cfg.ray.num_workers
+    left_out = data_info["rows"] - world * WorkerShare.of(data_info["rows"], 0, world).rows
+    if world > 1:  # rows per worker are equal so that DDP steps stay in lockstep (train_data.py)
+        data_info = {**data_info, "num_workers": world, "rows_left_out_for_equal_shards": left_out}
+    logger.info("%d training rows from %s (fingerprint %s)%s", data_info["rows"], cfg.data.train,
+                data_info["fingerprint"],
+                f", {world} workers, {left_out} row(s) left out for equal shares" if world > 1 else "")
     cfg = dataclasses.replace(cfg, model=resolve_base_model(cfg.model))
     if finished:  # a rerun of a job that had finished: the same adapter, or a refusal naming what differs
         metadata = check_finished_adapter(final, run_identity(cfg, data_info["fingerprint"]))
@@ -435,7 +429,7 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     ensure_ray(cfg.ray)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.ray.gpus_per_worker
     storage = cfg.ray.storage_path
     if storage and "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
@@ -453,8 +447,7 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
         train_worker,
         train_loop_config={
             "config": dataclasses.asdict(cfg),
-            "texts": texts,
-            "labels": labels,
+            "training_rows": data_info["rows"],
             "calibration_texts": held_out.texts,
             "calibration_labels": held_out.labels,
             "data_info": data_info,
@@ -463,8 +456,11 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
             "run_name": run_config.name,  # the tag of the worker's metrics
             "log_level": level_for_workers(),
         },
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
         run_config=run_config,
+        # One dataset per worker, read whole by it (train_data.py: a fixed share per worker, not Ray's dynamic split)
+        datasets=worker_datasets(training, cfg),
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     started = time.perf_counter()
     result = trainer.fit()

@@ -42,6 +42,10 @@ def run_identity(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IDENTITY}
     identity = {"data_fingerprint": data_fingerprint, "model": model, "lora": dataclasses.asdict(cfg.lora),
                 "prompt": dataclasses.asdict(cfg.prompt), "train": train}
+    if cfg.ray.num_workers > 1:
+        # The global batch, the rows each worker holds and the steps per epoch depend on it. Absent for one worker,
+        # so that runs and adapters recorded before ray.num_workers existed keep their identity.
+        identity["num_workers"] = cfg.ray.num_workers
     return json.loads(json.dumps(identity))  # as read back from storage: tuples become lists
 
 
@@ -84,6 +88,8 @@ def recorded_identity(metadata: AdapterMetadata) -> dict | None:
                                   train=build_config(TrainConfig, training))
     except ConfigError:  # settings this release no longer has, or no longer accepts
         return None
+    workers = metadata.metrics.get("num_workers", 1)  # adapters from before ray.num_workers: one worker
+    recorded = dataclasses.replace(recorded, ray=dataclasses.replace(recorded.ray, num_workers=int(workers)))
     return run_identity(recorded, fingerprint)
 
 
@@ -107,17 +113,24 @@ def check_finished_adapter(final: Location, identity: dict) -> AdapterMetadata:
     return metadata
 
 
-def report_checkpoints_callback():
-    """A TrainerCallback that reports each `checkpoint-N` the Trainer saves to Ray Train."""
+def report_checkpoints_callback(rank: int = 0):
+    """A TrainerCallback that reports each `checkpoint-N` the Trainer saves to Ray Train.
+
+    With several workers only worker 0 has the folder (the Trainer saves on process 0; the other workers' RNG
+    states stay on their disks, unused: the data order does not depend on them) and attaches it; the others report
+    the step without a checkpoint, because Ray Train waits for every worker at each report."""
     from transformers import TrainerCallback
 
     class ReportCheckpointsToRay(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             import ray.train
 
+            metrics = {"step": state.global_step, "checkpoint_kind": "trainer"}
+            if rank != 0:
+                ray.train.report(metrics)
+                return
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            ray.train.report({"step": state.global_step, "checkpoint_kind": "trainer"},
-                             checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                              checkpoint_dir_name=f"trainer-step-{state.global_step:08d}")
 
     return ReportCheckpointsToRay()

@@ -4,6 +4,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -83,10 +84,9 @@ def test_the_temperature_is_fitted_on_the_held_out_rows_and_scoring_applies_it(t
     # jobs use: the same temperature, so the worker fitted on the rows it names.
     texts, labels = pq.read_table(synthetic_train_file).column("text").to_pylist(), []
     labels = pq.read_table(synthetic_train_file).column("label").to_pylist()
-    import random
+    from sentiment_ray.train_data import shuffled_positions
 
-    order = list(range(len(texts)))
-    random.Random(cfg.data.shuffle_seed).shuffle(order)
+    order = np.argsort(shuffled_positions(len(texts), cfg.data.shuffle_seed))  # input row at each position
     scorer = SentimentScorer.from_adapter(result["adapter_dir"],
                                           ModelConfig(name_or_path="", backend="hf", dtype="float32"))
     assert scorer.temperature == meta.temperature

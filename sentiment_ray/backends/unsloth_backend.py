@@ -28,12 +28,22 @@ def load_for_training(model: ModelConfig, lora: LoraSettings, *, max_length: int
     from sentiment_ray.backends import resolve_model_path
 
     fast = _fast_language_model()
+    extra = {}
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch
+
+        # Under DDP (several Ray Train workers) each process loads onto its own GPU, the one the training worker
+        # made current (train.train_worker), as Unsloth's DDP guide does with device_map={"": local_rank}.
+        extra["device_map"] = {"": torch.cuda.current_device()}
     base, tokenizer = fast.from_pretrained(
         model_name=resolve_model_path(model.name_or_path),
         max_seq_length=max_length,
         dtype=_dtype(model),
         load_in_4bit=model.load_in_4bit,
         trust_remote_code=model.trust_remote_code,
+        **extra,
     )
     peft_model = fast.get_peft_model(
         base,

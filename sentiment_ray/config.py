@@ -133,7 +133,8 @@ class TrainConfig:
     optim: str = "adamw_torch"
     torch_threads: int | None = None  # CPU only; default: the CPUs the worker reserves
     # Batches of reviews of similar length (transformers' LengthGroupedSampler): far less padding per batch, the
-    # same reviews per epoch; the order within an epoch is still seeded random across length groups.
+    # same reviews per epoch; the order within an epoch is still seeded random across length groups. With several
+    # workers each groups its own rows (train_data.WorkerBatchSampler).
     group_by_length: bool = False
     # Padding-free batches (reviews packed into one row, attention kept within each). Off: with torch < 2.12
     # Unsloth then runs attention once per review; on one H200 that cost SmolLM2-135M 53x its speed and the 7B
@@ -210,11 +211,6 @@ class FinetuneConfig:
         if self.resume_if_exists and not self.ray.run_name:
             raise ConfigError("resume_if_exists needs ray.run_name: without it a rerun gets a new Ray Train run "
                               "and trains from step 0 instead of resuming the earlier run's checkpoints")
-        if self.ray.num_workers > 1 and self.train.group_by_length:
-            # The length-grouped sampler orders the whole dataset; each worker holds only its share of it
-            # (sentiment_ray/train_data.py), so there is no common order to group by.
-            raise ConfigError("train.group_by_length works with ray.num_workers=1 only; set it to false to train "
-                              f"on {self.ray.num_workers} workers")
         return self
 
 

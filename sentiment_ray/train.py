@@ -133,7 +133,8 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
 
     `worker_order`: feed the rows in their given order (first epoch) and a seeded per-epoch permutation after
     (train_data.WorkerBatchSampler) instead of the Trainer's sampler, which under DDP would also shard rows that
-    are one worker's share already. Default: on, except with train.group_by_length (one worker only)."""
+    are one worker's share already. Default: on, except for train.group_by_length on one worker, where the
+    Trainer's own LengthGroupedSampler does the same job."""
     backend_name = import_backend_first(cfg)
     import torch
     from datasets import Dataset
@@ -195,7 +196,7 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
     )
     timings: dict = {}
     if worker_order is None:
-        worker_order = not cfg.train.group_by_length
+        worker_order = not cfg.train.group_by_length or cfg.ray.num_workers > 1
     trainer_cls = SFTTrainer
     if worker_order:
         from sentiment_ray.train_data import worker_order_trainer

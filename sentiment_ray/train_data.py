@@ -335,10 +335,21 @@ class WorkerBatchSampler:
     """Batches of a worker's rows (local index j = training position t // world): in order in the first epoch,
     then a permutation per epoch shared by all workers (seed, epoch). The epoch comes from the Trainer's state, so
     that a run resumed in its second epoch gets that epoch's order (accelerate does not always forward set_epoch
-    through the wrappers a resumed dataloader gets)."""
+    through the wrappers a resumed dataloader gets).
 
-    def __init__(self, rows: int, batch_size: int, seed: int, epoch: Callable[[], float]):
+    With `lengths` (train.group_by_length), every epoch is grouped by length as transformers' LengthGroupedSampler
+    does it: a seeded permutation cut into megabatches of 50 batches, each sorted longest first, the batch holding
+    the longest row first (an out-of-memory shows at step 1). Each worker groups its own rows; the batch count stays
+    the same on every worker, so DDP steps stay in lockstep."""
+
+    MEGABATCH_BATCHES = 50  # transformers' LengthGroupedSampler default (mega_batch_mult)
+
+    def __init__(self, rows: int, batch_size: int, seed: int, epoch: Callable[[], float],
+                 lengths: list[int] | None = None):
+        if lengths is not None and len(lengths) != rows:
+            raise ValueError(f"{len(lengths)} lengths for {rows} rows")
         self.rows, self.batch_size, self.seed, self._epoch = rows, batch_size, seed, epoch
+        self.lengths = None if lengths is None else np.asarray(lengths)
 
     def set_epoch(self, epoch: int) -> None:  # the Trainer's state says it already
         pass
@@ -348,9 +359,23 @@ class WorkerBatchSampler:
 
     def __iter__(self):
         epoch = int(math.floor(self._epoch() + 1e-6))
+        if self.lengths is not None:
+            yield from self._length_grouped(np.random.default_rng([self.seed, epoch]).permutation(self.rows))
+            return
         order = np.arange(self.rows) if epoch == 0 else np.random.default_rng([self.seed, epoch]).permutation(self.rows)
         for start in range(0, self.rows, self.batch_size):
             yield order[start:start + self.batch_size].tolist()
+
+    def _length_grouped(self, order: np.ndarray):
+        mega = self.MEGABATCH_BATCHES * self.batch_size
+        grouped = np.concatenate([
+            chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            for chunk in (order[start:start + mega] for start in range(0, self.rows, mega))
+        ])
+        batches = [grouped[start:start + self.batch_size].tolist() for start in range(0, self.rows, self.batch_size)]
+        longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b]].max())
+        batches[0], batches[longest] = batches[longest], batches[0]
+        yield from batches
 
 
 def worker_order_trainer(base_cls):
@@ -364,8 +389,10 @@ def worker_order_trainer(base_cls):
     class WorkerOrderTrainer(base_cls):
         def get_train_dataloader(self):
             dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+            lengths = [len(ids) for ids in dataset["input_ids"]] if self.args.train_sampling_strategy == \
+                "group_by_length" else None
             sampler = WorkerBatchSampler(len(dataset), self._train_batch_size, self.args.seed,
-                                         lambda: self.state.epoch or 0.0)
+                                         lambda: self.state.epoch or 0.0, lengths)
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                                 num_workers=self.args.dataloader_num_workers,
                                 pin_memory=self.args.dataloader_pin_memory,

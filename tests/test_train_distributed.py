@@ -137,9 +137,37 @@ def test_each_worker_holds_every_n_th_row_and_its_batches_are_slices_of_the_glob
     assert sorted(sum(second, [])) == [0, 1, 2, 3, 4] and second == list(WorkerBatchSampler(5, 2, 1, lambda: 1.0))
 
 
-def test_group_by_length_is_refused_with_several_workers(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="group_by_length works with ray.num_workers=1 only"):
-        _config(tiny_model_dir, tmp_path / "x.parquet", tmp_path, "x", "ray.num_workers=2", "train.group_by_length=true")
+def test_group_by_length_groups_each_workers_rows_every_epoch():
+    lengths = [(7 * i) % 23 for i in range(250)]
+    epoch = [0.0]
+    sampler = WorkerBatchSampler(250, 2, seed=3, epoch=lambda: epoch[0], lengths=lengths)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 125 and sorted(sum(first, [])) == list(range(250))
+    assert max(lengths[i] for i in first[0]) == max(lengths)  # the longest batch first
+    # Within each megabatch of 50 batches the rows run longest first (the swapped-in first batch aside).
+    flat = [lengths[i] for batch in first[1:50] for i in batch]
+    assert flat == sorted(flat, reverse=True)
+    padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in first)
+    random_padding = sum(2 * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
+                         for b in WorkerBatchSampler(250, 2, seed=3, epoch=lambda: 0.0))
+    assert padding < random_padding / 3
+    epoch[0] = 1.0
+    second = list(sampler)
+    assert second != first and sorted(sum(second, [])) == list(range(250))
+    assert second == list(WorkerBatchSampler(250, 2, 3, lambda: 1.0, lengths))  # the same on every worker
+
+
+def test_two_workers_train_length_grouped_batches(ray_session, tiny_model_dir, synthetic_train_file, tmp_path,
+                                                  two_workers):
+    result = run_finetune(_config(tiny_model_dir, synthetic_train_file, tmp_path, "grouped", "train.batch_size=8",
+                                  "ray.num_workers=2", "train.group_by_length=true"))
+    assert result["metrics"]["steps"] == PLANNED_STEPS
+    # Every row once in the epoch, in other batches: the same tokens, another adapter.
+    assert result["metrics"]["non_padding_tokens"] == two_workers["metrics"]["non_padding_tokens"]
+    assert _max_difference(result["adapter_dir"], two_workers["adapter_dir"]) > 1e-4
+
+
+def test_zero_workers_are_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="ray.num_workers must be > 0"):
         _config(tiny_model_dir, tmp_path / "x.parquet", tmp_path, "x", "ray.num_workers=0")
 

@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backends", default="unsloth,hf")
+    parser.add_argument("--workers", default="1", help="Ray Train worker counts to run, e.g. 1,2 (one GPU each); "
+                        "--batch-size is the global batch, split over the workers")
     args = parser.parse_args()
 
     from sentiment_ray.train import run_finetune
@@ -46,25 +48,37 @@ def main() -> None:
     tflops = bf16_matmul_tflops()
     rows = {}
     for backend in args.backends.split(","):
-        cfg = load_config(FinetuneConfig, CONFIG, [
-            f"model.name_or_path={model_dir}", f"model.backend={backend}", f"data.train={args.data}",
-            f"data.limit={args.steps * args.batch_size}", f"train.max_steps={args.steps}",
-            f"train.batch_size={args.batch_size}", "train.logging_steps=5",
-            f"output_dir={work / ('adapter-' + backend)}",
-            "overwrite=true", "ray.address=local", f"ray.storage_path={work / 'ray_results'}", "ray.cpus_per_worker=8",
-        ])
-        metrics = run_finetune(cfg)["metrics"]
-        metrics["floor_fraction"] = metrics["steady_tokens_per_second"] * 6 * params / (tflops * 1e12)
-        rows[backend] = metrics
-        (out / "finetune_backends.json").write_text(json.dumps(
-            {"gpu": gpu_name(), "params": params, "bf16_tflops": tflops, "results": rows}, indent=2))
+        for workers in (int(w) for w in args.workers.split(",")):
+            if args.batch_size % workers:
+                raise SystemExit(f"--batch-size {args.batch_size} does not split over {workers} workers")
+            name = backend if workers == 1 and args.workers == "1" else f"{backend} x{workers}"
+            cfg = load_config(FinetuneConfig, CONFIG, [
+                f"model.name_or_path={model_dir}", f"model.backend={backend}", f"data.train={args.data}",
+                f"data.limit={args.steps * args.batch_size}", f"train.max_steps={args.steps}",
+                f"train.batch_size={args.batch_size // workers}", "train.logging_steps=5",
+                f"output_dir={work / ('adapter-' + backend + str(workers))}", f"ray.num_workers={workers}",
+                "overwrite=true", "ray.address=local", f"ray.storage_path={work / 'ray_results'}",
+                "ray.cpus_per_worker=8",
+            ])
+            metrics = run_finetune(cfg)["metrics"]
+            metrics["floor_fraction"] = metrics["steady_tokens_per_second"] * 6 * params / (tflops * 1e12)
+            rows[name] = metrics
+            (out / "finetune_backends.json").write_text(json.dumps(
+                {"gpu": gpu_name(), "params": params, "bf16_tflops": tflops, "results": rows}, indent=2))
 
     print(f"\nGPU {gpu_name()}, {params / 1e9:.2f}e9 params, bf16 matmul {tflops:.0f} TFLOP/s, "
-          f"batch {args.batch_size}, {args.steps} steps ({2} warm-up steps excluded from tokens/s)")
+          f"global batch {args.batch_size}, {args.steps} steps ({2} warm-up steps excluded from tokens/s)")
     print(f"{'backend':10}{'tokens/s':>10}{'peak GB':>9}{'1st step s':>11}{'load s':>8}{'floor %':>9}")
     for backend, m in rows.items():
         print(f"{backend:10}{m['steady_tokens_per_second']:>10.0f}{m['peak_gpu_memory_gb']:>9.2f}"
               f"{m['first_step_seconds']:>11.1f}{m['model_load_seconds']:>8.1f}{100 * m['floor_fraction']:>9.2f}")
+    for backend in args.backends.split(","):
+        if f"{backend} x1" in rows:
+            for name, m in rows.items():
+                if name.startswith(backend + " x") and name != f"{backend} x1":
+                    one = rows[f"{backend} x1"]
+                    print(f"{name} / {backend} x1: tokens/s x"
+                          f"{m['steady_tokens_per_second'] / one['steady_tokens_per_second']:.2f}")
     if {"unsloth", "hf"} <= rows.keys():
         u, h = rows["unsloth"], rows["hf"]
         print(f"unsloth/hf: tokens/s x{u['steady_tokens_per_second'] / h['steady_tokens_per_second']:.2f}, "

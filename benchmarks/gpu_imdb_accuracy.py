@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--finetune-config", default="configs/finetune/smollm2_gpu.yaml")
     parser.add_argument("--score-config", default="configs/score/smollm2_gpu.yaml")
+    parser.add_argument("--dev-only", action="store_true", help="evaluate on dev only, no excerpt set")
     parser.add_argument("overrides", nargs="*", help="finetune key=value overrides")
     args = parser.parse_args()
     data, work, out = Path(args.data).resolve(), Path(args.work), Path(args.out)
@@ -54,10 +55,13 @@ def main() -> None:
     run("finetune", ["finetune", "--config", args.finetune_config, "--output-dir", str(adapter),
                      f"data.train={data / 'train.parquet'}", "ray.address=local", "ray.cpus_per_worker=8",
                      *args.overrides], timings)
-    run("excerpts", ["excerpts", "--input", str(data / "dev.parquet"), "--output", str(work / "dev_excerpts.parquet"),
-                     "--seed", "0"], timings)
+    labeled_sets = [("dev", data / "dev.parquet")]
+    if not args.dev_only:
+        labeled_sets.append(("dev_excerpts", work / "dev_excerpts.parquet"))
+        run("excerpts", ["excerpts", "--input", str(data / "dev.parquet"),
+                         "--output", str(work / "dev_excerpts.parquet"), "--seed", "0"], timings)
     evaluations = {}
-    for name, labeled in (("dev", data / "dev.parquet"), ("dev_excerpts", work / "dev_excerpts.parquet")):
+    for name, labeled in labeled_sets:
         run(f"evaluate_{name}", ["evaluate", "--config", args.score_config, "--adapter", str(adapter),
                                  "--input", str(labeled), "--output", str(work / f"eval-{name}"), "ray.address=local"],
             timings)
@@ -71,7 +75,8 @@ def main() -> None:
             shutil.copy(work / "eval-dev" / plot, out / f"dev_{plot}")
 
     m = metadata["metrics"]
-    print(f"\nfinetune: {m['steps']} steps, {m['train_seconds']} s in trainer.train(), "
+    print(f"\nfinetune: {m.get('num_workers', 1)} worker(s), global batch {m.get('global_batch_size')}, "
+          f"{m['steps']} steps, {m['train_seconds']} s in trainer.train(), "
           f"{m['steady_tokens_per_second']} non-padding tokens/s steady, peak {m.get('peak_gpu_memory_gb')} GB, "
           f"temperature {metadata.get('temperature')}")
     print(f"{'set':14}{'rows':>7}{'accuracy':>10}{'precision':>11}{'recall':>8}{'F1':>7}{'ECE':>8}{'Brier':>8}")

@@ -106,15 +106,15 @@ def make_adapter(model_dir: Path, folder: Path, model: str) -> Path:
 
 
 def run_job(adapter: Path, inputs: Path, output: Path, batch_size: int, max_batch_tokens: int,
-            forward: str = "eager") -> dict:
+            forward: str = "eager", pool_size: int = 1) -> dict:
     from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
     from sentiment_ray.ray_cluster import ensure_ray
     from sentiment_ray.scoring import run_scoring
 
     ensure_ray(RayConfig(address="local"))
     cfg = ScoreConfig(input=str(inputs), output=str(output), adapter=str(adapter), overwrite=True,
-                      batch_size=batch_size, max_batch_tokens=max_batch_tokens, pool_size=1, num_cpus_per_actor=2,
-                      num_gpus_per_actor=1, batches_in_flight=4, forward=forward,
+                      batch_size=batch_size, max_batch_tokens=max_batch_tokens, pool_size=pool_size,
+                      num_cpus_per_actor=2, num_gpus_per_actor=1, batches_in_flight=4, forward=forward,
                       model=ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=True))
     started = time.perf_counter()
     summary = run_scoring(cfg)
@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=131072)
     parser.add_argument("--old-tree", help="a checkout of the work-unit pipeline to run side by side")
     parser.add_argument("--forward", default="eager", help="ScoreConfig.forward: eager, static_shapes, cuda_graphs")
+    parser.add_argument("--pool-size", type=int, action="append",
+                        help="scoring actors, one GPU each; repeat to run each pool size over the same inputs (1)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from benchmarks.gpu_common import build_random_mistral_7b, gpu_name
@@ -171,19 +173,26 @@ def main() -> None:
               "new": {}, "old": {}}
     sizes = sorted(args.rows)
     inputs = {n: tile(args.data, n, work / f"in-{n}") for n in sizes}
+    pools = args.pool_size or [1]
+    report["pools"] = {}
     sampler = GpuSampler()
     try:
-        for n in sizes:
-            result = run_job(adapter, inputs[n], work / f"out-{args.model}-{n}", args.batch_size, args.max_batch_tokens,
-                             args.forward)
-            result["gpu_busy"] = sampler.busy(result["started"], result["started"] + result["seconds"])
-            report["new"][n] = result
-            (out / f"gpu_streaming_{args.model}.json").write_text(json.dumps(report, indent=2))
-            print(f"[bench] new pipeline {n} rows: {result['seconds']:.1f} s, busy {result['gpu_busy']}", flush=True)
+        for pool in pools:
+            runs = report["pools"].setdefault(pool, {"runs": {}})["runs"]
+            for n in sizes:
+                result = run_job(adapter, inputs[n], work / f"out-{args.model}-{n}", args.batch_size,
+                                 args.max_batch_tokens, args.forward, pool)
+                result["gpu_busy"] = sampler.busy(result["started"], result["started"] + result["seconds"])
+                runs[n] = result
+                (out / f"gpu_streaming_{args.model}.json").write_text(json.dumps(report, indent=2))
+                print(f"[bench] {pool} actor(s), {n} rows: {result['seconds']:.1f} s, busy {result['gpu_busy']}",
+                      flush=True)
+            small, large = runs[sizes[0]], runs[sizes[-1]]
+            report["pools"][pool]["steady"] = (large["rows"] - small["rows"]) / (large["seconds"] - small["seconds"])
     finally:
         sampler.close()
-    small, large = (report["new"][n] for n in (sizes[0], sizes[-1]))
-    report["new_steady"] = (large["rows"] - small["rows"]) / (large["seconds"] - small["seconds"])
+    report["new"] = report["pools"][pools[0]]["runs"]
+    report["new_steady"] = report["pools"][pools[0]]["steady"]
     if args.old_tree:
         import ray
 
@@ -206,15 +215,21 @@ def main() -> None:
     (out / f"gpu_streaming_{args.model}.json").write_text(json.dumps(report, indent=2))
     print(f"\n{report['gpu']}, {args.model} (random weights, r=16 adapter merged, bf16), IMDB dev reviews tiled, "
           f"batch {args.batch_size}, forwards of <= {args.max_batch_tokens} tokens, forward {args.forward}")
-    print(f"{'pipeline':12}{'rows':>9}{'seconds':>9}{'reviews/s end to end':>22}{'GPU busy':>10}{'stage busy':>12}")
-    for name in ("new", "old"):
-        for r in report[name].values():
-            busy = r.get("gpu_busy")
-            stage = (r.get("score_stage") or {}).get("busy_fraction")
-            print(f"{name:12}{r['rows']:>9}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>22.1f}"
-                  f"{'' if busy is None else f'{busy:.0%}':>10}{'' if stage is None else f'{stage:.0%}':>12}")
-    print(f"steady reviews/s: new {report['new_steady']:.1f}"
-          + (f", old {report['old_steady']:.1f}" if "old_steady" in report else ""))
+    print(f"{'pipeline':12}{'actors':>7}{'rows':>9}{'seconds':>9}{'reviews/s end to end':>22}{'GPU busy':>10}"
+          f"{'stage busy':>12}")
+    rows = [("new", pool, r) for pool in pools for r in report["pools"][pool]["runs"].values()]
+    rows += [("old", 1, r) for r in report["old"].values()]
+    for name, pool, r in rows:
+        busy = r.get("gpu_busy")
+        stage = (r.get("score_stage") or {}).get("busy_fraction")
+        print(f"{name:12}{pool:>7}{r['rows']:>9}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>22.1f}"
+              f"{'' if busy is None else f'{busy:.0%}':>10}{'' if stage is None else f'{stage:.0%}':>12}")
+    for pool in pools:
+        steady = report["pools"][pool]["steady"]
+        print(f"steady reviews/s, {pool} actor(s): {steady:.1f}"
+              + (f" ({steady / report['new_steady']:.2f}x {pools[0]})" if pool != pools[0] else ""))
+    if "old_steady" in report:
+        print(f"steady reviews/s, old pipeline: {report['old_steady']:.1f}")
 
 
 if __name__ == "__main__":

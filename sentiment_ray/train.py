@@ -2,10 +2,10 @@
 
 The driver checks the data in one streaming pass and fixes its order without holding the rows
 (sentiment_ray/train_data.py), resolves the model, and starts `ray.num_workers` workers (DDP) with the resources
-from the config; each worker reads its share of the rows from its Ray Dataset, tokenizes with the shared `PromptEncoder`, trains on the completion (the label token) only,
-and worker 0 reports the adapter folder as a Ray Train checkpoint, which the driver copies to `output_dir`. Along the
-way it reports resumable trainer checkpoints, so a killed worker or a rerun continues from the latest one
-(sentiment_ray/train_checkpoints.py).
+from the config; each worker reads its share of the rows from its Ray Dataset, tokenizes with the shared
+`PromptEncoder`, trains on the completion (the label token) only, and worker 0 reports the adapter folder as a Ray
+Train checkpoint, which the driver copies to `output_dir`. Along the way it reports resumable trainer checkpoints,
+so a killed worker or a rerun continues from the latest one (sentiment_ray/train_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from sentiment_ray.config import FinetuneConfig, FinetuneModelConfig, build_config
-from sentiment_ray.train_data import HeldOutRows, load_rows
 from sentiment_ray.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
+from sentiment_ray.train_data import HeldOutRows, load_rows
 
 logger = logging.getLogger(__name__)
 

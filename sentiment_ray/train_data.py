@@ -11,10 +11,10 @@ The order (the same for 1 or N workers, and for every restart of a run):
   - The fingerprint is a sha256 over the 8-byte blake2b digest of (label, trained text) of each row in training
     order: the data the adapter trains on, whatever read it.
 
-The driver makes one streaming pass over the Parquet files (a row group at a time, so its memory is bounded by
-the largest row group; checked as `load_labeled_parquet` checks them) and keeps per row only an int64 position, an 8-byte digest and a label byte
-(~17 bytes/row: 3.4 MB at 200k rows), plus the held-out rows themselves. `hf:` datasets are still loaded on the
-driver (`load_rows`), with the same order, excerpts and fingerprint.
+The driver makes one streaming pass over the Parquet files (a row group at a time, so its memory is bounded by the
+largest row group; checked as `load_labeled_parquet` checks them) and keeps per row only an int64 position, an
+8-byte digest and a label byte (~17 bytes/row: 3.4 MB at 200k rows), plus the held-out rows themselves. `hf:`
+datasets are still loaded on the driver (`load_rows`), with the same order, excerpts and fingerprint.
 
 Workers: worker r of N trains on the rows t with t % N == r, t < N * (T // N), in order of t; it reads them from its
 own Ray Dataset (`train_rank<r>`, filtered at read time, so only its rows reach it). Ray Data's own split
@@ -24,7 +24,8 @@ above, local batch k of every worker is one slice of the global batch: the first
 exactly those of one worker with N x the batch. Later epochs reshuffle the local rows of each worker with one seed
 shared by all (rows t..t+N-1 stay in one global batch), so they differ from a one-worker run in which rows share a
 batch, not in which rows are seen. Up to N-1 rows (the last in the order) are left out so that every worker has as
-many batches as the others (DDP steps in lockstep); the metadata says how many.
+many batches as the others (DDP steps in lockstep); the metadata says how many. With `train.group_by_length`
+each worker groups its own rows by length in every epoch instead (WorkerBatchSampler).
 """
 
 from __future__ import annotations
@@ -39,8 +40,16 @@ import numpy as np
 import pyarrow as pa
 
 from sentiment_ray.config import FinetuneConfig
-from sentiment_ray.data import (InputError, check_columns, load_labeled_hf, load_labeled_parquet, open_parquet,
-                                resolve_parquet_files, text_values, validated_rows)
+from sentiment_ray.data import (
+    InputError,
+    check_columns,
+    load_labeled_hf,
+    load_labeled_parquet,
+    open_parquet,
+    resolve_parquet_files,
+    text_values,
+    validated_rows,
+)
 from sentiment_ray.excerpts import excerpt
 from sentiment_ray.labels import CLASS_NAMES
 
@@ -222,7 +231,8 @@ def load_rows(cfg: FinetuneConfig) -> tuple[list[str], list[int], dict, HeldOutR
         all_texts, all_labels, files = load_labeled_parquet(data.train, data.text_column, data.label_column)
     calibration, training = _counts(cfg, len(all_texts), files)
     by_place = np.argsort(shuffled_positions(len(all_texts), data.shuffle_seed))  # input row at each position
-    held_out = HeldOutRows([all_texts[g] for g in by_place[:calibration]], [all_labels[g] for g in by_place[:calibration]])
+    held_out = HeldOutRows([all_texts[g] for g in by_place[:calibration]],
+                           [all_labels[g] for g in by_place[:calibration]])
     mask = excerpt_mask(training, data.excerpt_share, data.shuffle_seed)
     chosen = by_place[calibration:calibration + training]
     texts = [trained_text(all_texts[g], t, mask[t], data.shuffle_seed) for t, g in enumerate(chosen)]
@@ -309,9 +319,10 @@ def worker_datasets(training: TrainingData, cfg: FinetuneConfig) -> dict:
     for rank in range(world):
         share = WorkerShare.of(training.order.training_rows, rank, world)
         # Light tasks (num_cpus 0.25): on a small node the training workers hold most CPUs (CPU-STACK-NOTES 7).
-        datasets[dataset_name(rank)] = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            _read_pieces, batch_size=1, fn_kwargs={"order_ref": order_ref, "share": share, "columns": columns}, num_cpus=0.25,
-            batch_format="numpy")
+        pieces = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        datasets[dataset_name(rank)] = pieces.map_batches(
+            _read_pieces, batch_size=1, fn_kwargs={"order_ref": order_ref, "share": share, "columns": columns},
+            num_cpus=0.25, batch_format="numpy")
     return datasets
 
 

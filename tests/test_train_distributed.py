@@ -120,7 +120,8 @@ def test_an_hf_dataset_loaded_on_the_driver_gets_the_same_order_and_fingerprint(
     config = REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml"
     from_hub = scan_training_data(load_config(FinetuneConfig, config, ["data.train=hf:example/reviews", *overrides]))
     from_parquet = scan_training_data(load_config(FinetuneConfig, config, [f"data.train={path}", *overrides]))
-    assert from_hub.info["fingerprint"] == from_parquet.info["fingerprint"] and from_hub.held_out == from_parquet.held_out
+    assert from_hub.info["fingerprint"] == from_parquet.info["fingerprint"]
+    assert from_hub.held_out == from_parquet.held_out
     assert from_hub.hf_table.column("position").to_pylist() == list(range(30))
 
 
@@ -206,7 +207,8 @@ ray.shutdown()
 print("RSS " + json.dumps({"start": start, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
-WORDS = np.array("good bad great awful fine dull film plot acting story music scenes end".split())
+WORDS = np.array(["good", "bad", "great", "awful", "fine", "dull", "film", "plot", "acting", "story", "music",
+                  "scenes", "end"])
 
 
 def _synthetic_parquet(path: Path, rows: int) -> Path:

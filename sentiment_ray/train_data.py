@@ -301,6 +301,20 @@ def _read_pieces(batch: dict, order_ref: list, share: WorkerShare, columns: list
 
 def worker_datasets(training: TrainingData, cfg: FinetuneConfig) -> dict:
     """One Ray Dataset per worker (`train_rank<r>`), each yielding only that worker's rows."""
+    import ray.data
+
+    # A dataset keeps a copy of the DataContext it was made under. Without progress bars: the read takes seconds,
+    # but its bar stays open, redrawn into the job's log, until the worker ends (hundreds of lines per run).
+    context = ray.data.DataContext.get_current()
+    bars = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        return _worker_datasets(training, cfg)
+    finally:
+        context.enable_progress_bars = bars
+
+
+def _worker_datasets(training: TrainingData, cfg: FinetuneConfig) -> dict:
     import ray
     import ray.data
 

@@ -39,26 +39,33 @@ class GpuSampler:
     """nvidia-smi utilization.gpu every 0.5 s, with timestamps."""
 
     def __init__(self):
-        self.samples: list[tuple[float, float]] = []
-        self._process = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-lms", "500"], stdout=subprocess.PIPE, text=True)
+        self.samples: list[tuple[float, int, float]] = []  # (time, GPU index, utilization %)
+        self._process = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu",
+                                          "--format=csv,noheader,nounits", "-lms", "500"],
+                                         stdout=subprocess.PIPE, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self):
         for line in self._process.stdout:
             try:
-                self.samples.append((time.perf_counter(), float(line.split(",")[0])))
+                index, utilization = line.split(",")[:2]
+                self.samples.append((time.perf_counter(), int(index), float(utilization)))
             except ValueError:
                 continue
 
     def busy(self, start: float, stop: float) -> float | None:
         """Mean utilization from the first to the last sample of the run with a kernel running: the steady
-        state, without the start-up before the first batch reaches the GPU."""
-        run = [(t, u) for t, u in self.samples if start <= t <= stop]
-        active = [i for i, (_, u) in enumerate(run) if u > 0]
-        window = [u for _, u in run[active[0]:active[-1] + 1]] if active else []
-        return sum(window) / len(window) / 100 if window else None
+        state, without the start-up before the first batch reaches the GPU. Averaged over the GPUs that ran a
+        kernel in the run (one per scoring actor)."""
+        means = []
+        for gpu in sorted({g for _, g, _ in self.samples}):
+            run = [u for t, g, u in self.samples if g == gpu and start <= t <= stop]
+            active = [i for i, u in enumerate(run) if u > 0]
+            if active:
+                window = run[active[0]:active[-1] + 1]
+                means.append(sum(window) / len(window) / 100)
+        return sum(means) / len(means) if means else None
 
     def close(self):
         self._process.kill()

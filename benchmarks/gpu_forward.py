@@ -14,9 +14,7 @@ reported):
   unmasked       `forward: eager`: no mask (right padding under causal attention needs none), one sync a batch
   static_shapes  `forward: static_shapes`: forwards padded to fixed shapes (forward_shapes.py), not captured
   cuda_graphs    `forward: cuda_graphs`: the static shapes replayed from captured CUDA graphs
-  compiled       `forward: compiled`: static shapes under torch.compile, one graph per width (compiled_forward.py),
-                 compiled on first use: compile seconds reported, inside the first timed run where a width is new
-  compiled_dynamic  unmasked, decoder under torch.compile(dynamic=True): compile time reported separately
+  compiled       unmasked, decoder under torch.compile(dynamic=True): compile time reported separately
   liger+X        variant X after Liger's fused RMSNorm, RoPE and SwiGLU kernels are patched in (needs
                  `pip install liger-kernel`; patches the model for good, so liger variants come last)
 `cuda_graphs@W/R` sets the shape steps (width W tokens, R rows; default 64/32). The largest score difference
@@ -73,12 +71,6 @@ def set_forward(scorer, mode: str, steps: str = "") -> None:
     width_step, row_step = (int(x) for x in steps.split("/")) if steps else (64, 32)
     scorer.buckets = None if mode == "eager" else ShapeBuckets(scorer.max_batch_tokens, width_step, row_step)
     scorer._graphs = CudaGraphForward(scorer._logits_of, scorer.device) if mode == "cuda_graphs" else None
-    if mode == "compiled":
-        from sentiment_ray.compiled_forward import CompiledForward
-
-        scorer._logits_fn = CompiledForward(scorer._logits_eager)
-    else:
-        scorer._logits_fn = scorer._logits_eager
 
 
 def time_variant(score, batches: list[list[list[int]]]) -> tuple[float, list[float]]:
@@ -145,13 +137,13 @@ def main() -> None:
             _apply_liger_kernel_to_instance(model=scorer.model, rope=True, rms_norm=True, swiglu=True,
                                             cross_entropy=False, fused_linear_cross_entropy=False)
             liger_applied = True
-        set_forward(scorer, "eager" if mode in ("unmasked", "compiled_dynamic", "masked") else mode, steps)
+        set_forward(scorer, "eager" if mode in ("unmasked", "compiled", "masked") else mode, steps)
         compile_s = None
         if mode == "masked":
             score = lambda batch: masked_scores(scorer, batch)  # noqa: E731
         else:
             score = scorer.score_token_ids
-            if mode == "compiled_dynamic":
+            if mode == "compiled":
                 scorer._decoder = torch.compile(eager_decoder, dynamic=True)
                 started = time.perf_counter()
                 score(batches[0])
@@ -161,7 +153,7 @@ def main() -> None:
         seconds, scores = time_variant(score, batches)
         reference = reference or scores
         row = {"seconds": seconds, "reviews_per_s": len(prompts) / seconds, "compile_s": compile_s,
-               "capture_s": scorer.capture_seconds,  # CUDA graph captures, or compiles of forward: compiled
+               "capture_s": scorer.capture_seconds,
                "shapes": len(scorer._graphs.graphs) if scorer._graphs else None,
                "max_abs_diff_vs_first": float(np.max(np.abs(np.array(scores) - np.array(reference))))}
         report["variants"][variant] = row

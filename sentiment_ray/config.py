@@ -20,7 +20,7 @@ TINY_MODEL = "embedded:tiny-random-mistral"  # built locally in a second; for te
 BACKENDS = ("auto", "hf", "unsloth")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs", "compiled")  # ScoreConfig.forward
+FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs")  # ScoreConfig.forward
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -248,9 +248,7 @@ class ScoreConfig:
     # `static_shapes` (the groups padded to a few fixed shapes, forward_shapes.py), `cuda_graphs` (static shapes,
     # each replayed from a CUDA graph captured on first use: no per-kernel launch cost; GPU only). On an H200 with
     # SmolLM2 and 2,048-row batches the graphs were no faster than eager (docs/BENCHMARKS.md §10): forwards that
-    # large are not launch-bound, so eager is the default. Scores were bit-identical to eager there. `compiled`
-    # (static shapes under torch.compile, one graph per width, compiled on first use: compiled_forward.py):
-    # fused elementwise kernels, at the price of a compile per width per actor (§12).
+    # large are not launch-bound, so eager is the default. Scores were bit-identical to eager there.
     forward: str = "eager"
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
     num_cpus_per_actor: float = 1.0  # per scoring actor
@@ -290,7 +288,7 @@ class ScoreConfig:
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _choice("forward", self.forward, FORWARD_MODES)
-        if self.forward != "eager" and not self.max_batch_tokens:
+        if self.forward in ("static_shapes", "cuda_graphs") and not self.max_batch_tokens:
             raise ConfigError(f"forward={self.forward} needs max_batch_tokens: the forward shapes are cut from it")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1] (a score >= it is positive), got {self.threshold}")

@@ -205,15 +205,10 @@ class SentimentScorer:
         self.forward_mode = self._resolve_forward(forward)
         self.buckets = ShapeBuckets(max_batch_tokens) if self.forward_mode != "eager" else None
         self._graphs = None
-        self._logits_fn = self._logits_eager
         if self.forward_mode == "cuda_graphs":
             from sentiment_ray.graphed_forward import CudaGraphForward
 
             self._graphs = CudaGraphForward(self._logits_of, self.device)
-        elif self.forward_mode == "compiled":
-            from sentiment_ray.compiled_forward import CompiledForward
-
-            self._logits_fn = CompiledForward(self._logits_eager)
 
     def _resolve_forward(self, forward: str) -> str:
         if forward not in FORWARD_MODES:
@@ -227,10 +222,8 @@ class SentimentScorer:
 
     @property
     def capture_seconds(self) -> float:
-        """Seconds spent capturing CUDA graphs or compiling so far (0 with forward eager or static_shapes)."""
-        if self._graphs:
-            return self._graphs.capture_seconds
-        return getattr(self._logits_fn, "compile_seconds", 0.0)
+        """Seconds spent capturing CUDA graphs so far (0 unless forward is cuda_graphs)."""
+        return self._graphs.capture_seconds if self._graphs else 0.0
 
     # ---------------------------------------------------------------------------------- construction
 
@@ -297,24 +290,18 @@ class SentimentScorer:
         import torch
 
         with torch.inference_mode():
-            return self._logits_fn(input_ids, last_positions)
-
-    def _logits_eager(self, input_ids, last_positions):
-        """`_logits_of` without the inference-mode context: the function `forward: compiled` compiles."""
-        import torch
-
-        # No attention mask, and the result is the same: the pads sit after each row's last real token, and
-        # causal attention already keeps a position from seeing anything after it. Without a mask the model
-        # builds no [batch, 1, width, width] mask per forward and SDPA takes its causal kernel (1.32x on
-        # SmolLM2 on an H200, docs/BENCHMARKS.md §8).
-        hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        last = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last_positions]
-        logits = last.to(self._label_weight.dtype) @ self._label_weight.t()
-        if self._label_bias is not None:
-            logits = logits + self._label_bias
-        logits = logits.float() * self._logit_scale
-        if self._softcap is not None:
-            logits = self._softcap * torch.tanh(logits / self._softcap)
+            # No attention mask, and the result is the same: the pads sit after each row's last real token, and
+            # causal attention already keeps a position from seeing anything after it. Without a mask the model
+            # builds no [batch, 1, width, width] mask per forward and SDPA takes its causal kernel (1.32x on
+            # SmolLM2 on an H200, docs/BENCHMARKS.md §8).
+            hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            last = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last_positions]
+            logits = last.to(self._label_weight.dtype) @ self._label_weight.t()
+            if self._label_bias is not None:
+                logits = logits + self._label_bias
+            logits = logits.float() * self._logit_scale
+            if self._softcap is not None:
+                logits = self._softcap * torch.tanh(logits / self._softcap)
         return logits
 
     def forward_groups(self, lengths: list[int]) -> list[list[int]]:

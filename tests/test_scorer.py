@@ -195,29 +195,11 @@ def test_static_shapes_score_as_the_eager_groups(random_adapter, budget):
     assert actual.scores == pytest.approx(expected.scores, abs=1e-5)
 
 
-def test_compiled_forwards_score_as_the_eager_groups_with_one_graph_per_width(random_adapter):
-    """The CPU twin of the GPU test of `forward: compiled`: inductor's CPU backend, float32."""
-    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
-    eager = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=1024, forward="eager")
-    compiled = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=1024, forward="compiled")
-    compiled.buckets = ShapeBuckets(1024, width_step=32, row_step=4)  # steps to the tiny prompt budget
-    texts = LONG_AND_SHORT
-    widths = {f.width for f in compiled.buckets.plan([len(p) for p in compiled.preparer.prepare(texts).input_ids])}
-    assert len(widths) >= 2
-    expected, actual = eager.score_texts(texts), compiled.score_texts(texts)
-    assert actual.scores == pytest.approx(expected.scores, abs=1e-5)
-    assert compiled._logits_fn.widths == widths and compiled.capture_seconds > 0
-    # Other row counts at the same widths reuse the graphs: nothing new is compiled.
-    seconds = compiled.capture_seconds
-    assert compiled.score_texts(texts[:7]).scores == pytest.approx(expected.scores[:7], abs=1e-5)
-    assert compiled.capture_seconds == seconds
-
-
 def test_forward_is_eager_by_default_and_graphs_need_cuda(random_adapter):
     model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
     assert SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512).forward_mode == "eager"
     with pytest.raises(ValueError, match="forward must be one of"):
-        SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="jit")
+        SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="compiled")
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="cuda_graphs")
     with pytest.raises(ValueError, match="needs max_batch_tokens"):

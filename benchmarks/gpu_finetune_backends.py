@@ -1,6 +1,8 @@
 """Unsloth vs plain LoRA with the product's finetune job (Ray Train worker, TRL SFTTrainer), same GPU.
 
     python benchmarks/gpu_finetune_backends.py --data .data/imdb/train.parquet --work /tmp/bench --out $OUT
+    # one worker vs two (one GPU each) at the same global batch, on a machine with two GPUs
+    python benchmarks/gpu_finetune_backends.py ... --backends hf --workers 1,2 --batch-size 32
 
 Both backends run `configs/finetune/mistral7b_qlora_gpu.yaml` (4-bit QLoRA r=16 on all seven projections,
 gradient checkpointing, batch 32, IMDB reviews clipped to 512 tokens) on a random-weight Mistral-7B; only

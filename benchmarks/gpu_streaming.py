@@ -1,9 +1,11 @@
-"""The streaming scoring job on one GPU: end-to-end and steady reviews/s, and how busy the GPU was.
+"""The streaming scoring job on one GPU or more: end-to-end and steady reviews/s, and how busy the GPUs were.
 
     python benchmarks/gpu_streaming.py --model smollm2 --arch .bench/smollm2-arch --data .data/imdb/dev.parquet \
         --work /tmp/bench --out $OUT --rows 20000 --rows 100000
     python benchmarks/gpu_streaming.py --model mistral7b --data .data/imdb/dev.parquet --work /tmp/bench --out $OUT \
         --rows 1280 --rows 7680 --old-tree .bench/old
+    # scale-out on a machine with two GPUs: the same inputs with one actor, then two (one GPU each)
+    python benchmarks/gpu_streaming.py --model smollm2 ... --rows 20000 --rows 100000 --pool-size 1 --pool-size 2
 
 The model has random weights (no weights can be downloaded on the GPU machine): SmolLM2-135M's architecture and
 tokenizer (`--arch`: config.json + tokenizer files of the embedded model, no weights), or Mistral-7B's exact

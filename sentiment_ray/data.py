@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from pathlib import Path
 
@@ -126,17 +125,6 @@ def check_columns(path: str, schema: pa.Schema, columns: dict[str, str], strings
             field_type = schema.field(name).type
             if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
                 raise InputError(f"{path}: {role} column {name!r} must hold strings, found {field_type}")
-
-
-def fingerprint(texts: list[str], labels: list[int]) -> str:
-    """A content hash of the training rows in order: same data, same fingerprint, wherever it came from."""
-    digest = hashlib.sha256()
-    for text, label in zip(texts, labels):
-        digest.update(str(label).encode())
-        digest.update(b"\x1f")
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\x1e")
-    return digest.hexdigest()[:16]
 
 
 def utf8_problem(text: str) -> str | None:

@@ -33,18 +33,6 @@ def excerpt(text: str, rng: np.random.Generator, min_words: int = MIN_WORDS, max
     return " ".join(words[start:start + length])
 
 
-def replace_with_excerpts(texts: list[str], share: float, seed: int) -> tuple[list[str], int]:
-    """`texts` with a `share` of them (chosen by `seed`) replaced by an excerpt of themselves; and how many."""
-    if share <= 0 or not texts:
-        return list(texts), 0
-    rng = np.random.default_rng(seed)
-    chosen = np.flatnonzero(rng.random(len(texts)) < share)
-    out = list(texts)
-    for i in chosen:
-        out[i] = excerpt(texts[i], rng)
-    return out, len(chosen)
-
-
 def make_excerpt_set(input_path: str, output_path: str, seed: int = 0, text_column: str = "text",
                      id_column: str = "id", label_column: str = "label") -> int:
     """One excerpt per review of a labeled Parquet file, written to `output_path`; returns the row count."""

@@ -4,11 +4,11 @@ import pytest
 
 from sentiment_ray.data import (
     InputError,
-    fingerprint,
     load_labeled_parquet,
     resolve_parquet_files,
     text_values,
 )
+from sentiment_ray.train_data import rows_fingerprint
 from tests.conftest import write_reviews
 
 
@@ -90,8 +90,8 @@ def test_string_and_int_labels_load_alike(tmp_path):
     b = write_reviews(tmp_path / "b.parquet", ["x", "y"], [1, 0])
     ta, la, _ = load_labeled_parquet(str(a), "text", "label")
     tb, lb, _ = load_labeled_parquet(str(b), "text", "label")
-    assert la == lb == [1, 0] and fingerprint(ta, la) == fingerprint(tb, lb)
-    assert fingerprint(ta, la) != fingerprint(ta, [0, 1])
+    assert la == lb == [1, 0] and rows_fingerprint(ta, la) == rows_fingerprint(tb, lb)
+    assert rows_fingerprint(ta, la) != rows_fingerprint(ta, [0, 1])
 
 
 def test_file_uris_are_listed_and_opened(tmp_path):

@@ -4,7 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sentiment_ray.data import InputError
-from sentiment_ray.excerpts import excerpt, make_excerpt_set, replace_with_excerpts
+from sentiment_ray.excerpts import excerpt, make_excerpt_set
+from sentiment_ray.train_data import excerpt_mask, trained_text
 
 REVIEW = ("This film was a delight from start to end.<br /><br />The actors, the music and the story all work "
           "together, and I laughed more than I have in years. " * 4).strip()
@@ -26,6 +27,11 @@ def test_an_excerpt_is_a_window_of_8_to_60_consecutive_words():
 
 def test_excerpts_replace_the_given_share_of_training_texts_deterministically():
     texts = [f"{REVIEW} number {i}" for i in range(1000)]
+
+    def replace_with_excerpts(texts, share, seed):  # as the finetune job cuts them (train_data.py)
+        mask = excerpt_mask(len(texts), share, seed)
+        return [trained_text(text, t, mask[t], seed) for t, text in enumerate(texts)], int(mask.sum())
+
     replaced, count = replace_with_excerpts(texts, 0.3, seed=7)
     changed = [i for i, (a, b) in enumerate(zip(texts, replaced)) if a != b]
     assert len(changed) == count and 250 < count < 350

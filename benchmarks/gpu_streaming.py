@@ -13,8 +13,9 @@ architecture with an IMDB-trained BPE (benchmarks/gpu_common.py); a random r=16 
 merged into the bf16 base. The IMDB dev reviews are tiled to each size (fresh ids, 16 files). Each size runs the
 product's job (`run_scoring`) end to end; steady = (large - small rows) / (large - small seconds), so start-up
 cancels. Stage busy = the share of the scoring actor's time, from its first batch to its last, spent inside its
-batches (the job's manifest, `score_stage`): how well the read and tokenize stages feed it. GPU busy = mean of
-nvidia-smi's utilization.gpu (share of time a kernel ran) over the large run's middle
+batches (the job's manifest, `score_stage`): how well the read and tokenize stages feed it; each actor's rows and
+the seconds after the pipeline's start of its first and last batch (`score_stage.per_actor`): stagger and
+imbalance. GPU busy = mean of nvidia-smi's utilization.gpu (share of time a kernel ran) over the large run's middle
 80 %. `--old-tree` (a checkout of the work-unit pipeline, commit db147a8) runs the same sizes with the old job in
 a subprocess, in the same call, for a side-by-side figure.
 """
@@ -233,6 +234,10 @@ def main() -> None:
         stage = (r.get("score_stage") or {}).get("busy_fraction")
         print(f"{name:12}{pool:>7}{r['rows']:>9}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>22.1f}"
               f"{'' if busy is None else f'{busy:.0%}':>10}{'' if stage is None else f'{stage:.0%}':>12}")
+    for name, pool, r in rows:
+        for actor in (r.get("score_stage") or {}).get("per_actor") or ():
+            print(f"  {name} {pool} actor(s), {r['rows']} rows: actor {actor['actor']} scored {actor['rows']} rows, "
+                  f"batches from {actor['first_batch_offset']:.1f} s to {actor['last_batch_offset']:.1f} s")
     for pool in pools:
         steady = report["pools"][pool]["steady"]
         print(f"steady reviews/s, {pool} actor(s): {steady:.1f}"

@@ -13,6 +13,7 @@ from sentiment_ray.config import ScoreConfig, load_config
 from sentiment_ray.data import InputError
 from sentiment_ray.outputs import OutputExistsError
 from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, run_scoring
+from sentiment_ray.scoring.manifest import ScoreManifest
 from sentiment_ray.tiny_model import synthetic_reviews
 from tests.conftest import REPO_ROOT, RESCORED_TOLERANCE, write_reviews
 
@@ -77,6 +78,13 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     assert stage.actors == 2 and stage.batches >= 1200 // 64
     assert 0 < stage.busy_seconds <= stage.active_seconds
     assert stage.busy_fraction == pytest.approx(stage.busy_seconds / stage.active_seconds, abs=1e-3)
+    # Each actor's share: the rows and batches add up, and its batches ran within this run's wall time.
+    assert len(stage.per_actor) == 2 and sum(a.rows for a in stage.per_actor) == 1200
+    assert sum(a.batches for a in stage.per_actor) == stage.batches
+    assert sum(a.busy_seconds for a in stage.per_actor) == pytest.approx(stage.busy_seconds, abs=0.01)
+    for actor in stage.per_actor:
+        assert 0 < actor.first_batch_offset < actor.last_batch_offset < summary.seconds
+    assert ScoreManifest.from_json((out / MANIFEST_FILE).read_text(), str(out)).score_stage == stage
     # Written in place, one fragment per work unit's rows (or a few when a unit's rows reached the sink in
     # several writes), named so that file-name order is input order; nothing hidden is left behind.
     files = sorted(p.name for p in out.iterdir())

@@ -1,12 +1,14 @@
-"""The driver's progress line of a scoring run: its figures, its thread, and the ledger's row count it reads."""
+"""The driver's progress line of a scoring run: its figures, its thread, and the ledger's row count it reads; the
+ledger's per-actor activity."""
 
 import logging
 import time
+from dataclasses import asdict
 
 import pytest
 
 from sentiment_ray.scoring.progress import ProgressReporter, format_duration, progress_line
-from sentiment_ray.scoring.stages import RunLedger
+from sentiment_ray.scoring.stages import RunLedger, StageActivity
 
 
 class FakeClock:
@@ -80,3 +82,19 @@ def test_the_ledger_counts_each_finished_batch_once(actor):
     ledger.end((0, 64), actor, 2.0, 3.0, rows=10)
     ledger.end((0, 64), actor, 3.0, 4.0, rows=10)  # its actor died after finishing it; Ray ran it again
     assert ledger.rows_scored() == 74
+
+
+def test_the_ledger_reports_each_actors_share_and_when_it_ran():
+    ledger = RunLedger()
+    ledger.created = 100.0  # wall clock at the pipeline's start
+    # Actor clocks are their own (monotonic); the wall clock places each actor's batches within the run.
+    ledger.end((0, 0), "late", 50.0, 50.5, rows=8, wall_ended=112.5)
+    ledger.end((0, 0), "early", 1.0, 2.0, rows=64, wall_ended=102.0)
+    ledger.end((0, 64), "early", 2.5, 3.0, rows=36, wall_ended=103.0)
+    stage = ledger.activity()
+    assert (stage.actors, stage.batches, stage.busy_seconds, stage.active_seconds) == (2, 3, 2.0, 2.5)
+    assert [(a.actor, a.batches, a.rows, a.busy_seconds, a.first_batch_offset, a.last_batch_offset)
+            for a in stage.per_actor] == [("early", 2, 100, 1.5, 1.0, 3.0), ("late", 1, 8, 0.5, 12.0, 12.5)]
+    # A manifest written before per-actor figures existed still reads.
+    old = {k: v for k, v in asdict(stage).items() if k != "per_actor"}
+    assert StageActivity.from_dict(old).per_actor == [] and StageActivity.from_dict(asdict(stage)) == stage

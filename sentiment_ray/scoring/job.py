@@ -125,6 +125,10 @@ def _score(cfg: ScoreConfig) -> ScoreManifest:
     if activity and activity.busy_fraction is not None:
         logger.info("score stage: %d actor(s), %d batches, busy %.0f%% of the time from their first batch to their "
                     "last", activity.actors, activity.batches, 100 * activity.busy_fraction)
+        for actor in activity.per_actor:
+            logger.info("  scoring actor %s: %d rows in %d batches, busy %.1f s, batches from %.1f s to %.1f s "
+                        "after the pipeline started", actor.actor, actor.rows, actor.batches, actor.busy_seconds,
+                        actor.first_batch_offset, actor.last_batch_offset)
     return manifest
 
 

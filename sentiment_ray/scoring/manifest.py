@@ -58,5 +58,5 @@ class ScoreManifest:
         units = data.get("units") or {}
         values["units"] = UnitCounts(**{f.name: units.get(f.name) for f in dataclasses.fields(UnitCounts)})
         stage = data.get("score_stage")
-        values["score_stage"] = StageActivity(**stage) if stage else None
+        values["score_stage"] = StageActivity.from_dict(stage) if stage else None
         return cls(**values)

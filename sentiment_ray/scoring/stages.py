@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import numpy as np
@@ -168,6 +168,21 @@ class PrepareStage:
 
 
 @dataclass(frozen=True)
+class ActorActivity:
+    """One scoring actor's share of a run. The offsets are wall-clock seconds from the start of the run's pipeline
+    to the actor's first batch starting and its last batch ending: they show how staggered the actors started
+    (their model loads) and how unevenly they finished. Actors on other nodes are as exact as the nodes' clocks
+    agree."""
+
+    actor: str  # node id prefix - pid
+    batches: int
+    rows: int
+    busy_seconds: float
+    first_batch_offset: float
+    last_batch_offset: float
+
+
+@dataclass(frozen=True)
 class StageActivity:
     """How busy the score stage's actors were: time inside their batches over the time from each actor's first
     batch to its last (start-up and the tail excluded). Near 1: the stages before it kept it fed."""
@@ -178,6 +193,12 @@ class StageActivity:
     active_seconds: float
     busy_fraction: float | None
     capture_seconds: float = 0.0  # CUDA graph captures (ScoreConfig.forward), summed over actors; inside busy
+    per_actor: list[ActorActivity] = field(default_factory=list)  # by first batch
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StageActivity:
+        """As `dataclasses.asdict` wrote it; a manifest from before `per_actor` has none."""
+        return cls(**{**data, "per_actor": [ActorActivity(**a) for a in data.get("per_actor") or ()]})
 
 
 class RunLedger:
@@ -192,8 +213,9 @@ class RunLedger:
         from sentiment_ray.scoring.output import UnitCommits
 
         self.open: dict[tuple[int, int], int] = {}
-        self.actors: dict[str, list[float]] = {}  # actor -> [first batch start, last batch end, busy seconds]
+        self.actors: dict[str, _ActorSpan] = {}
         self.batches = 0
+        self.created = time.time()  # the run's pipeline starts with its ledger: actor offsets count from here
         self.run = run
         left: dict[int, list[WorkUnit]] = {}
         for rows in pending:
@@ -207,15 +229,15 @@ class RunLedger:
         return self.open[key]
 
     def end(self, key: tuple[int, int], actor: str | None = None, started: float = 0.0, ended: float = 0.0,
-            capture_seconds: float = 0.0, rows: int = 0) -> None:
+            capture_seconds: float = 0.0, rows: int = 0, wall_ended: float | None = None) -> None:
         self.open.pop(key, None)
         if rows and key not in self.finished:
             self.finished.add(key)
             self.rows_finished += rows
-        if actor is not None:  # times from the actor's own clock: only differences within one actor are used
-            span = self.actors.setdefault(actor, [started, ended, 0.0, 0.0])
-            span[0], span[1], span[2] = min(span[0], started), max(span[1], ended), span[2] + ended - started
-            span[3] = max(span[3], capture_seconds)  # the actor's running total
+        if actor is not None:  # busy and active time from the actor's monotonic clock; offsets from the wall clock
+            wall_ended = time.time() if wall_ended is None else wall_ended
+            span = self.actors.setdefault(actor, _ActorSpan(started, ended, wall_ended - (ended - started)))
+            span.add(started, ended, wall_ended, capture_seconds, rows)
             self.batches += 1
 
     def fragments_written(self, fragments: list[tuple[int, int, int, int]]) -> None:
@@ -232,11 +254,37 @@ class RunLedger:
         return self.rows_finished
 
     def activity(self) -> StageActivity:
-        busy = sum(s[2] for s in self.actors.values())
-        active = sum(s[1] - s[0] for s in self.actors.values())
+        busy = sum(s.busy for s in self.actors.values())
+        active = sum(s.last - s.first for s in self.actors.values())
+        per_actor = sorted((ActorActivity(name, s.batches, s.rows, round(s.busy, 3),
+                                          round(s.wall_first - self.created, 3), round(s.wall_last - self.created, 3))
+                            for name, s in self.actors.items()), key=lambda a: a.first_batch_offset)
         return StageActivity(len(self.actors), self.batches, round(busy, 3), round(active, 3),
                              round(busy / active, 4) if active else None,
-                             round(sum(s[3] for s in self.actors.values()), 3))
+                             round(sum(s.capture for s in self.actors.values()), 3), per_actor)
+
+
+@dataclass
+class _ActorSpan:
+    """A scoring actor's batches so far, as the ledger adds them up."""
+
+    first: float  # the actor's monotonic clock: only differences within one actor are used
+    last: float
+    wall_first: float
+    wall_last: float = 0.0
+    busy: float = 0.0
+    capture: float = 0.0
+    batches: int = 0
+    rows: int = 0
+
+    def add(self, started: float, ended: float, wall_ended: float, capture_seconds: float, rows: int) -> None:
+        self.first, self.last = min(self.first, started), max(self.last, ended)
+        self.wall_first = min(self.wall_first, wall_ended - (ended - started))
+        self.wall_last = max(self.wall_last, wall_ended)
+        self.busy += ended - started
+        self.capture = max(self.capture, capture_seconds)  # the actor's running total
+        self.batches += 1
+        self.rows += rows
 
 
 def ledger_name(run_id: str) -> str:
@@ -332,7 +380,8 @@ class ScoreStage:
         out = out.append_column("adapter", pa.array([self.scorer.identity] * batch.num_rows, pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
         ended = time.perf_counter()
-        self.ledger.end.remote(key, self.actor_name, started, ended, self.scorer.capture_seconds, rows=batch.num_rows)
+        self.ledger.end.remote(key, self.actor_name, started, ended, self.scorer.capture_seconds, rows=batch.num_rows,
+                               wall_ended=time.time())
         self.metrics.record_batch(statuses, started, ended)
         logger.debug("scored a batch of %d rows (unit %d, rows from %d) in %.2f s", batch.num_rows, key[0], key[1],
                      ended - started)

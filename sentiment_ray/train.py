@@ -101,6 +101,21 @@ def _throughput_callback(timings: dict):
     return ThroughputCallback()
 
 
+def _log_last_step_callback():
+    from transformers import TrainerCallback
+
+    class LogLastStepCallback(TrainerCallback):
+        """A log at the last step as well. The Trainer averages the loss over the workers only when it logs; the
+        steps after the last log reach `training_loss` as worker 0's own loss, so on N workers the reported loss
+        would depend on where the run ended between two logs."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogLastStepCallback()
+
+
 @dataclasses.dataclass
 class TrainingSetup:
     """Everything the worker needs around `trainer.train()`: built once, also by benchmarks in-process."""
@@ -207,7 +222,7 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[_throughput_callback(timings), *extra_callbacks],
+        callbacks=[_throughput_callback(timings), _log_last_step_callback(), *extra_callbacks],
     )
     return TrainingSetup(trainer, tokenizer, encoder, prompts, backend, on_gpu, load_seconds, timings)
 

@@ -425,11 +425,14 @@ def worker_order_trainer(base_cls):
                                 worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers,
                                                        rank=self.args.process_index))
             prepared = self.accelerator.prepare(loader)
-            # As transformers does for its own rank-aware BatchRebalanceSampler: accelerate's BatchSamplerShard
-            # would hand this worker every N-th of its own batches; make it a passthrough.
+            # Under DDP accelerate wraps the sampler in a BatchSamplerShard. Make it a passthrough, as transformers
+            # does for its own rank-aware BatchRebalanceSampler. Without num_processes 1, it would hand this worker
+            # every N-th of its own batches. Without batch_size None, it would fill the short last batch with rows
+            # from the start of the epoch (even_batches), training them twice, and drop a short batch that is not
+            # last (the length-grouped order puts the longest row's batch first).
             wrapper = getattr(prepared, "batch_sampler", None)
             if wrapper is not None and getattr(wrapper, "batch_sampler", None) is sampler:
-                wrapper.num_processes, wrapper.process_index = 1, 0
+                wrapper.num_processes, wrapper.process_index, wrapper.batch_size = 1, 0, None
             return prepared
 
     return WorkerOrderTrainer

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -234,10 +235,9 @@ class RunLedger:
         if rows and key not in self.finished:
             self.finished.add(key)
             self.rows_finished += rows
-        if actor is not None:  # busy and active time from the actor's monotonic clock; offsets from the wall clock
+        if actor is not None:  # busy time from the actor's monotonic clock; its span from the wall clock
             wall_ended = time.time() if wall_ended is None else wall_ended
-            span = self.actors.setdefault(actor, _ActorSpan(started, ended, wall_ended - (ended - started)))
-            span.add(started, ended, wall_ended, capture_seconds, rows)
+            self.actors.setdefault(actor, _ActorSpan()).add(ended - started, wall_ended, capture_seconds, rows)
             self.batches += 1
 
     def fragments_written(self, fragments: list[tuple[int, int, int, int]]) -> None:
@@ -255,7 +255,7 @@ class RunLedger:
 
     def activity(self) -> StageActivity:
         busy = sum(s.busy for s in self.actors.values())
-        active = sum(s.last - s.first for s in self.actors.values())
+        active = sum(s.wall_last - s.wall_first for s in self.actors.values())
         per_actor = sorted((ActorActivity(name, s.batches, s.rows, round(s.busy, 3),
                                           round(s.wall_first - self.created, 3), round(s.wall_last - self.created, 3))
                             for name, s in self.actors.items()), key=lambda a: a.first_batch_offset)
@@ -268,20 +268,17 @@ class RunLedger:
 class _ActorSpan:
     """A scoring actor's batches so far, as the ledger adds them up."""
 
-    first: float  # the actor's monotonic clock: only differences within one actor are used
-    last: float
-    wall_first: float
-    wall_last: float = 0.0
+    wall_first: float = math.inf  # its first batch's start and its last batch's end, by the wall clock
+    wall_last: float = -math.inf
     busy: float = 0.0
     capture: float = 0.0
     batches: int = 0
     rows: int = 0
 
-    def add(self, started: float, ended: float, wall_ended: float, capture_seconds: float, rows: int) -> None:
-        self.first, self.last = min(self.first, started), max(self.last, ended)
-        self.wall_first = min(self.wall_first, wall_ended - (ended - started))
+    def add(self, seconds: float, wall_ended: float, capture_seconds: float, rows: int) -> None:
+        self.wall_first = min(self.wall_first, wall_ended - seconds)
         self.wall_last = max(self.wall_last, wall_ended)
-        self.busy += ended - started
+        self.busy += seconds
         self.capture = max(self.capture, capture_seconds)  # the actor's running total
         self.batches += 1
         self.rows += rows

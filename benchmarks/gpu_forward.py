@@ -14,7 +14,9 @@ reported):
   unmasked       `forward: eager`: no mask (right padding under causal attention needs none), one sync a batch
   static_shapes  `forward: static_shapes`: forwards padded to fixed shapes (forward_shapes.py), not captured
   cuda_graphs    `forward: cuda_graphs`: the static shapes replayed from captured CUDA graphs
-  compiled       unmasked, decoder under torch.compile(dynamic=True): compile time reported separately
+  compiled       `forward: compiled`: the eager groups with each decoder layer under torch.compile (one dynamic
+                 graph shared by all layers, compiled_forward.py); its compile seconds are reported, in the warm-up
+  compiled_decoder  unmasked, the whole decoder under torch.compile(dynamic=True) (§8's try): compile time apart
   liger+X        variant X after Liger's fused RMSNorm, RoPE and SwiGLU kernels are patched in (needs
                  `pip install liger-kernel`; patches the model for good, so liger variants come last)
 `cuda_graphs@W/R` sets the shape steps (width W tokens, R rows; default 64/32). The largest score difference
@@ -71,6 +73,14 @@ def set_forward(scorer, mode: str, steps: str = "") -> None:
     width_step, row_step = (int(x) for x in steps.split("/")) if steps else (64, 32)
     scorer.buckets = None if mode == "eager" else ShapeBuckets(scorer.max_batch_tokens, width_step, row_step)
     scorer._graphs = CudaGraphForward(scorer._logits_of, scorer.device) if mode == "cuda_graphs" else None
+    if scorer._compiled is not None:
+        scorer._compiled.uncompile()
+        scorer._compiled = None
+    if mode == "compiled":
+        from sentiment_ray.compiled_forward import CompiledDecoderLayers
+
+        scorer.buckets = None
+        scorer._compiled = CompiledDecoderLayers(scorer._decoder)
 
 
 def time_variant(score, batches: list[list[list[int]]]) -> tuple[float, list[float]]:
@@ -137,13 +147,13 @@ def main() -> None:
             _apply_liger_kernel_to_instance(model=scorer.model, rope=True, rms_norm=True, swiglu=True,
                                             cross_entropy=False, fused_linear_cross_entropy=False)
             liger_applied = True
-        set_forward(scorer, "eager" if mode in ("unmasked", "compiled", "masked") else mode, steps)
+        set_forward(scorer, "eager" if mode in ("unmasked", "compiled_decoder", "masked") else mode, steps)
         compile_s = None
         if mode == "masked":
             score = lambda batch: masked_scores(scorer, batch)  # noqa: E731
         else:
             score = scorer.score_token_ids
-            if mode == "compiled":
+            if mode == "compiled_decoder":
                 scorer._decoder = torch.compile(eager_decoder, dynamic=True)
                 started = time.perf_counter()
                 score(batches[0])

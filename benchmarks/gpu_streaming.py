@@ -163,7 +163,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--max-batch-tokens", type=int, default=131072)
     parser.add_argument("--old-tree", help="a checkout of the work-unit pipeline to run side by side")
-    parser.add_argument("--forward", default="eager", help="ScoreConfig.forward: eager, static_shapes, cuda_graphs")
+    parser.add_argument("--forward", default="eager",
+                        help="ScoreConfig.forward: eager, static_shapes, cuda_graphs, compiled")
+    parser.add_argument("--warmup-rows", type=int, default=0,
+                        help="a job of this many rows before the timed ones (per pool size), reported apart: with "
+                             "forward compiled both timed jobs then find inductor's compile cache warm")
     parser.add_argument("--pool-size", type=int, action="append",
                         help="scoring actors, one GPU each; repeat to run each pool size over the same inputs (1)")
     args = parser.parse_args()
@@ -182,21 +186,27 @@ def main() -> None:
               "max_batch_tokens": args.max_batch_tokens, "forward": args.forward,
               "new": {}, "old": {}}
     sizes = sorted(args.rows)
-    inputs = {n: tile(args.data, n, work / f"in-{n}") for n in sizes}
+    inputs = {n: tile(args.data, n, work / f"in-{n}") for n in sorted({*sizes, args.warmup_rows} - {0})}
     pools = args.pool_size or [1]
     report["pools"] = {}
     sampler = GpuSampler()
     try:
         for pool in pools:
             runs = report["pools"].setdefault(pool, {"runs": {}})["runs"]
+            if args.warmup_rows:
+                warmup = run_job(adapter, inputs[args.warmup_rows], work / f"out-{args.model}-warmup", args.batch_size,
+                                 args.max_batch_tokens, args.forward, pool)
+                report["pools"][pool]["warmup"] = warmup
+                print(f"[bench] {pool} actor(s), warm-up {warmup['rows']} rows: {warmup['seconds']:.1f} s, compile/"
+                      f"capture {warmup['score_stage']['capture_seconds']:.1f} s", flush=True)
             for n in sizes:
                 result = run_job(adapter, inputs[n], work / f"out-{args.model}-{n}", args.batch_size,
                                  args.max_batch_tokens, args.forward, pool)
                 result["gpu_busy"] = sampler.busy(result["started"], result["started"] + result["seconds"])
                 runs[n] = result
                 (out / f"gpu_streaming_{args.model}.json").write_text(json.dumps(report, indent=2))
-                print(f"[bench] {pool} actor(s), {n} rows: {result['seconds']:.1f} s, busy {result['gpu_busy']}",
-                      flush=True)
+                print(f"[bench] {pool} actor(s), {n} rows: {result['seconds']:.1f} s, busy {result['gpu_busy']}, "
+                      f"compile/capture {result['score_stage']['capture_seconds']:.1f} s", flush=True)
             small, large = runs[sizes[0]], runs[sizes[-1]]
             report["pools"][pool]["steady"] = (large["rows"] - small["rows"]) / (large["seconds"] - small["seconds"])
     finally:

@@ -20,7 +20,8 @@ TINY_MODEL = "embedded:tiny-random-mistral"  # built locally in a second; for te
 BACKENDS = ("auto", "hf", "unsloth")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs")  # ScoreConfig.forward
+FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs", "compiled")  # ScoreConfig.forward
+SHAPED_FORWARDS = ("static_shapes", "cuda_graphs")  # forwards padded to ShapeBuckets: need max_batch_tokens
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -248,7 +249,12 @@ class ScoreConfig:
     # `static_shapes` (the groups padded to a few fixed shapes, forward_shapes.py), `cuda_graphs` (static shapes,
     # each replayed from a CUDA graph captured on first use: no per-kernel launch cost; GPU only). On an H200 with
     # SmolLM2 and 2,048-row batches the graphs were no faster than eager (docs/BENCHMARKS.md §10): forwards that
-    # large are not launch-bound, so eager is the default. Scores were bit-identical to eager there.
+    # large are not launch-bound, so eager is the default. Scores were bit-identical to eager there. `compiled`
+    # (the eager groups with each decoder layer under torch.compile: fused elementwise kernels, one graph for all
+    # layers and shapes, compiled by each actor once; compiled_forward.py): an unquantized base (hf backend) only.
+    # On an H200 it scored 1.52x (SmolLM2) and 1.25x (7B) the eager steady rate in the job after a compile of
+    # 5-11 s per actor; its bf16 scores are not eager's (up to 0.06 apart on a finetuned SmolLM2) but as close to
+    # a float32 forward as eager's are (docs/BENCHMARKS.md §14), which is why eager stays the default.
     forward: str = "eager"
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
     num_cpus_per_actor: float = 1.0  # per scoring actor
@@ -288,8 +294,11 @@ class ScoreConfig:
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _choice("forward", self.forward, FORWARD_MODES)
-        if self.forward in ("static_shapes", "cuda_graphs") and not self.max_batch_tokens:
+        if self.forward in SHAPED_FORWARDS and not self.max_batch_tokens:
             raise ConfigError(f"forward={self.forward} needs max_batch_tokens: the forward shapes are cut from it")
+        if self.forward == "compiled" and (self.model.load_in_4bit or self.model.backend == "unsloth"):
+            raise ConfigError("forward=compiled needs an unquantized base on the hf backend (model.backend: hf, "
+                              "model.load_in_4bit: false): Unsloth's and bitsandbytes' kernels do not compile")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1] (a score >= it is positive), got {self.threshold}")
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:

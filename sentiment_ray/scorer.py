@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sentiment_ray.config import EMBEDDED_MODEL, FORWARD_MODES, ModelConfig
+from sentiment_ray.config import EMBEDDED_MODEL, FORWARD_MODES, SHAPED_FORWARDS, ModelConfig
 from sentiment_ray.data import utf8_problem
 from sentiment_ray.forward_shapes import ShapeBuckets
 from sentiment_ray.labels import CLASS_NAMES
@@ -203,18 +203,23 @@ class SentimentScorer:
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
         self.device = self._label_weight.device
         self.forward_mode = self._resolve_forward(forward)
-        self.buckets = ShapeBuckets(max_batch_tokens) if self.forward_mode != "eager" else None
+        self.buckets = ShapeBuckets(max_batch_tokens) if self.forward_mode in SHAPED_FORWARDS else None
         self._graphs = None
+        self._compiled = None
         if self.forward_mode == "cuda_graphs":
             from sentiment_ray.graphed_forward import CudaGraphForward
 
             self._graphs = CudaGraphForward(self._logits_of, self.device)
+        elif self.forward_mode == "compiled":
+            from sentiment_ray.compiled_forward import CompiledDecoderLayers
+
+            self._compiled = CompiledDecoderLayers(self._decoder)
 
     def _resolve_forward(self, forward: str) -> str:
         if forward not in FORWARD_MODES:
             raise ValueError(f"forward must be one of {list(FORWARD_MODES)}, got {forward!r}")
         on_cuda = self.device.type == "cuda"
-        if forward != "eager" and not self.max_batch_tokens:
+        if forward in SHAPED_FORWARDS and not self.max_batch_tokens:
             raise ValueError(f"forward={forward} needs max_batch_tokens: the shapes are cut from the token budget")
         if forward == "cuda_graphs" and not on_cuda:
             raise ValueError(f"forward=cuda_graphs needs the model on a CUDA device; it is on {self.device}")
@@ -222,8 +227,10 @@ class SentimentScorer:
 
     @property
     def capture_seconds(self) -> float:
-        """Seconds spent capturing CUDA graphs so far (0 unless forward is cuda_graphs)."""
-        return self._graphs.capture_seconds if self._graphs else 0.0
+        """Seconds spent capturing CUDA graphs or compiling so far (0 with forward eager or static_shapes)."""
+        if self._graphs:
+            return self._graphs.capture_seconds
+        return self._compiled.compile_seconds if self._compiled else 0.0
 
     # ---------------------------------------------------------------------------------- construction
 
@@ -326,6 +333,8 @@ class SentimentScorer:
                 logger.warning("CUDA graph capture failed (%s: %s); scoring with static shapes, uncaptured",
                                type(exc).__name__, str(exc)[:300])
                 self._graphs, self.forward_mode = None, "static_shapes"
+        if self._compiled is not None and self._compiled.active:
+            return self._compiled.run(self._logits_of, input_ids, last)[:len(prompts)]
         return self._logits_of(input_ids, last)[:len(prompts)]
 
     def _margins(self, prompts: list[list[int]]):

@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sentiment_ray.config import ModelConfig
+from sentiment_ray.config import ConfigError, ModelConfig, ScoreConfig, ScoringModelConfig
 from sentiment_ray.forward_shapes import ShapeBuckets
 from sentiment_ray.metadata import AdapterError
 from sentiment_ray.scorer import STATUS_EMPTY, STATUS_OK, SentimentScorer
@@ -195,11 +195,38 @@ def test_static_shapes_score_as_the_eager_groups(random_adapter, budget):
     assert actual.scores == pytest.approx(expected.scores, abs=1e-5)
 
 
+def test_compiled_decoder_layers_score_as_eager_with_one_graph_for_every_layer_and_shape(random_adapter):
+    """The CPU twin of the GPU test of `forward: compiled`: inductor's CPU backend, float32, the adapter unmerged
+    (LoRA layers inside the compiled ones)."""
+    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
+    eager = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="eager")
+    compiled = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="compiled")
+    texts = ["ok", "bad", "a fine film"] * 5 + ["good " * n + "plot" for n in range(2, 30, 3)] + LONG_AND_SHORT[::4]
+    lengths = [len(p) for p in eager.preparer.prepare(texts).input_ids]
+    groups = eager.forward_groups(lengths)
+    assert len({(len(g), max(lengths[j] for j in g)) for g in groups}) >= 3  # forwards of several shapes
+    expected, actual = eager.score_texts(texts), compiled.score_texts(texts)
+    assert actual.scores == pytest.approx(expected.scores, abs=1e-5)
+    assert len(compiled._compiled.layers) >= 2 and compiled.capture_seconds > 0
+    # One dynamic graph serves every layer and shape (plus one for a single-row forward, if any: torch
+    # specializes sizes of 1); a later batch of new shapes compiles nothing.
+    graphs, seconds = compiled._compiled.graphs, compiled.capture_seconds
+    assert graphs <= 1 + any(len(g) == 1 for g in groups)
+    assert compiled.score_texts(texts[3:12]).scores == pytest.approx(expected.scores[3:12], abs=1e-5)
+    assert (compiled._compiled.graphs, compiled.capture_seconds) == (graphs, seconds)
+
+
+def test_forward_compiled_is_refused_for_quantized_or_unsloth_bases():
+    for model in ({"load_in_4bit": True}, {"backend": "unsloth"}):
+        with pytest.raises(ConfigError, match="forward=compiled needs an unquantized base"):
+            ScoreConfig(input="in", output="out", forward="compiled", model=ScoringModelConfig(**model)).validate()
+
+
 def test_forward_is_eager_by_default_and_graphs_need_cuda(random_adapter):
     model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
     assert SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512).forward_mode == "eager"
     with pytest.raises(ValueError, match="forward must be one of"):
-        SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="compiled")
+        SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="jit")
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="cuda_graphs")
     with pytest.raises(ValueError, match="needs max_batch_tokens"):

@@ -193,7 +193,7 @@ class StageActivity:
     busy_seconds: float
     active_seconds: float
     busy_fraction: float | None
-    capture_seconds: float = 0.0  # CUDA graph captures (ScoreConfig.forward), summed over actors; inside busy
+    capture_seconds: float = 0.0  # CUDA graph captures or compiles (ScoreConfig.forward), summed over actors; in busy
     per_actor: list[ActorActivity] = field(default_factory=list)  # by first batch
 
     @classmethod

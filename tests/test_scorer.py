@@ -216,6 +216,23 @@ def test_compiled_decoder_layers_score_as_eager_with_one_graph_for_every_layer_a
     assert (compiled._compiled.graphs, compiled.capture_seconds) == (graphs, seconds)
 
 
+def test_a_compiler_that_fails_before_anything_compiled_leaves_the_eager_forward(random_adapter, caplog):
+    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
+    eager = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="eager")
+    compiled = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="compiled")
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C compiler found")
+
+    compiled._compiled.layers[0]._compiled_call_impl = no_compiler  # what a failing inductor build raises through
+    with caplog.at_level("WARNING", logger="sentiment_ray.compiled_forward"):
+        scores = compiled.score_texts(LONG_AND_SHORT).scores
+    assert scores == eager.score_texts(LONG_AND_SHORT).scores
+    assert not compiled._compiled.active and compiled.capture_seconds == 0.0
+    assert all(layer._compiled_call_impl is None for layer in compiled._compiled.layers)
+    assert "compiling the decoder layers failed (RuntimeError: no C compiler found); scoring eager" in caplog.text
+
+
 def test_forward_compiled_is_refused_for_quantized_or_unsloth_bases():
     for model in ({"load_in_4bit": True}, {"backend": "unsloth"}):
         with pytest.raises(ConfigError, match="forward=compiled needs an unquantized base"):

@@ -198,6 +198,7 @@ def test_static_shapes_score_as_the_eager_groups(random_adapter, budget):
 def test_compiled_decoder_layers_score_as_eager_with_one_graph_for_every_layer_and_shape(random_adapter):
     """The CPU twin of the GPU test of `forward: compiled`: inductor's CPU backend, float32, the adapter unmerged
     (LoRA layers inside the compiled ones)."""
+    torch._dynamo.reset()  # dynamo's cache is per process: a graph compiled by an earlier test would be reused
     model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
     eager = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="eager")
     compiled = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="compiled")

@@ -25,15 +25,18 @@ def main() -> None:
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--data", required=True, help="Parquet with text and label (0/1) columns")
     parser.add_argument("--budgets", default="131072,32768", help="max_batch_tokens values, comma-separated")
+    parser.add_argument("--limit", type=int, help="the first N reviews only")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script on a small set")
     args = parser.parse_args()
     from sentiment_ray.config import ScoringModelConfig
     from sentiment_ray.scorer import SentimentScorer
 
     table = pq.read_table(args.data, columns=["text", "label"])
+    table = table.slice(0, args.limit) if args.limit else table
     texts, labels = table.column("text").to_pylist(), np.array(table.column("label").to_pylist())
 
     def scores(dtype: str, budget: int, forward: str) -> np.ndarray:
-        model = ScoringModelConfig(backend="hf", dtype=dtype, merge_adapter=True, device="cuda")
+        model = ScoringModelConfig(backend="hf", dtype=dtype, merge_adapter=True, device=args.device)
         scorer = SentimentScorer.from_adapter(args.adapter, model, budget, forward=forward)
         return np.array(scorer.score_texts(texts).scores)
 

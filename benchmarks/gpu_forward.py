@@ -66,12 +66,13 @@ def masked_scores(scorer, prompts: list[list[int]]) -> list[float]:
 
 def set_forward(scorer, mode: str, steps: str = "") -> None:
     """Switch a loaded scorer's forward mode in place (one model load for every variant)."""
+    from sentiment_ray.config import SHAPED_FORWARDS
     from sentiment_ray.forward_shapes import ShapeBuckets
     from sentiment_ray.graphed_forward import CudaGraphForward
 
     scorer.forward_mode = mode
     width_step, row_step = (int(x) for x in steps.split("/")) if steps else (64, 32)
-    scorer.buckets = None if mode == "eager" else ShapeBuckets(scorer.max_batch_tokens, width_step, row_step)
+    scorer.buckets = ShapeBuckets(scorer.max_batch_tokens, width_step, row_step) if mode in SHAPED_FORWARDS else None
     scorer._graphs = CudaGraphForward(scorer._logits_of, scorer.device) if mode == "cuda_graphs" else None
     if scorer._compiled is not None:
         scorer._compiled.uncompile()
@@ -79,7 +80,6 @@ def set_forward(scorer, mode: str, steps: str = "") -> None:
     if mode == "compiled":
         from sentiment_ray.compiled_forward import CompiledDecoderLayers
 
-        scorer.buckets = None
         scorer._compiled = CompiledDecoderLayers(scorer._decoder)
 
 

@@ -6,7 +6,8 @@
 
 Both backends run `configs/finetune/mistral7b_qlora_gpu.yaml` (4-bit QLoRA r=16 on all seven projections,
 gradient checkpointing, batch 32, IMDB reviews clipped to 512 tokens) on a random-weight Mistral-7B; only
-`model.backend` differs (`unsloth` vs `hf` = transformers + peft + bitsandbytes, sdpa). Prints a table of
+`model.backend` differs (`unsloth` vs `hf` = transformers + peft + bitsandbytes, sdpa), and hf trains padded
+batches where the config asks for padding-free ones (hf cannot keep packed reviews apart). Prints a table of
 non-padding tokens/s after the warm-up steps, peak GPU memory, time to the first step, model load time, and
 tokens/s as a fraction of the 6·params·tokens floor at the measured bf16 matmul rate.
 """
@@ -61,6 +62,8 @@ def main() -> None:
                 f"output_dir={work / ('adapter-' + backend + str(workers))}", f"ray.num_workers={workers}",
                 "overwrite=true", "ray.address=local", f"ray.storage_path={work / 'ray_results'}",
                 "ray.cpus_per_worker=8",
+                # hf trains padded: its sdpa attention cannot keep packed reviews apart (config.check_padding_free)
+                *(["train.padding_free=false"] if backend == "hf" else []),
             ])
             metrics = run_finetune(cfg)["metrics"]
             metrics["floor_fraction"] = metrics["steady_tokens_per_second"] * 6 * params / (tflops * 1e12)

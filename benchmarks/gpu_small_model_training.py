@@ -6,7 +6,7 @@
 Each variant is `name:override,override` on top of `configs/finetune/smollm2_gpu.yaml`, run in this process
 with the product's own `build_trainer`/`run_training` (the code the Ray Train worker runs) for `--steps` steps
 on real IMDB reviews. `--random-from` takes a folder with SmolLM2's config and tokenizer and builds random
-weights (speed does not depend on them); `--model` takes a real model folder. `--profile NAME` records a torch
+weights (speed does not depend on them); `--model` takes a real model folder. `--profile NAME[,NAME]` records a torch
 profile of steps 10-14 of that variant. Prints non-padding tokens/s after the warm-up steps, ms per step, peak
 memory and the fraction of the 6·params·tokens floor at the measured bf16 matmul rate.
 """
@@ -114,7 +114,7 @@ def main() -> None:
     source.add_argument("--random-from", help="a folder with config.json + tokenizer: random weights")
     parser.add_argument("--variants", required=True, help="'name:key=v,key=v;name2:...'")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--profile", default="", help="variant name to profile")
+    parser.add_argument("--profile", default="", help="variant names to profile, comma-separated")
     parser.add_argument("--work", default="/tmp/bench-small")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -141,7 +141,7 @@ def main() -> None:
         rows_needed = args.steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=rows_needed))
         texts, labels, _ = load_training_rows(cfg)
-        timer = step_timer_and_profiler(out / f"profile_{name}.txt" if name == args.profile else None)
+        timer = step_timer_and_profiler(out / f"profile_{name}.txt" if name in args.profile.split(",") else None)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()

@@ -137,10 +137,11 @@ class TrainConfig:
     # same reviews per epoch; the order within an epoch is still seeded random across length groups. With several
     # workers each groups its own rows (train_data.WorkerBatchSampler).
     group_by_length: bool = False
-    # Padding-free batches (reviews packed into one row, attention kept within each). Off: with torch < 2.12
-    # Unsloth then runs attention once per review; on one H200 that cost SmolLM2-135M 53x its speed and the 7B
-    # model 29 % of its tokens/s (4,073 vs 5,747 padded), for 26 % less peak memory (docs/BENCHMARKS.md §3, §7).
-    # Set explicitly, because Unsloth turns it on by itself otherwise.
+    # Padding-free batches (reviews packed into one row, attention kept within each by Unsloth's varlen flash
+    # kernel; backends/unsloth_varlen.py gives torch 2.11 the same kernel): no compute or memory spent on pad
+    # tokens. Unsloth backend only: transformers' sdpa attention lets a packed review see the ones before it.
+    # The configs choose it per model by measurement (docs/BENCHMARKS.md §15); set explicitly either way, because
+    # Unsloth turns it on by itself otherwise.
     padding_free: bool = False
     dataloader_workers: int = 0  # processes collating batches beside the training loop (0: in the loop)
     # A resumable trainer checkpoint (adapter, optimizer, scheduler, RNG, step) every N optimizer steps,
@@ -209,10 +210,19 @@ class FinetuneConfig:
         if self.resume_if_exists and self.overwrite:
             raise ConfigError("pass either resume_if_exists (keep an adapter this run trained) or overwrite (train "
                               "again and replace it), not both")
+        check_padding_free(self.train.padding_free, self.model.backend)
         if self.resume_if_exists and not self.ray.run_name:
             raise ConfigError("resume_if_exists needs ray.run_name: without it a rerun gets a new Ray Train run "
                               "and trains from step 0 instead of resuming the earlier run's checkpoints")
         return self
+
+
+def check_padding_free(padding_free: bool, backend: str) -> None:
+    """Padding-free batches need attention that stays within each packed review: Unsloth's, not sdpa's."""
+    if padding_free and backend == "hf":
+        raise ConfigError("train.padding_free needs model.backend unsloth: with the hf backend (sdpa attention) "
+                          "each review packed into a row would attend to the reviews packed before it; set "
+                          "train.padding_free=false for hf")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sentiment_ray.config import FinetuneConfig, FinetuneModelConfig, build_config
+from sentiment_ray.config import FinetuneConfig, FinetuneModelConfig, build_config, check_padding_free
 from sentiment_ray.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
 from sentiment_ray.train_data import HeldOutRows, load_rows
 
@@ -151,6 +151,7 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
     are one worker's share already. Default: on, except for train.group_by_length on one worker, where the
     Trainer's own LengthGroupedSampler does the same job."""
     backend_name = import_backend_first(cfg)
+    check_padding_free(cfg.train.padding_free, backend_name)  # again: model.backend auto may have become hf
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -193,7 +194,9 @@ def build_trainer(cfg: FinetuneConfig, texts: list[str], labels: list[int], work
         optim=cfg.train.optim,
         logging_steps=cfg.train.logging_steps,
         seed=cfg.train.seed,
-        max_length=cfg.prompt.max_length,  # prompts are clipped to fit already; TRL's cut never triggers
+        # Prompts are clipped to fit already, so TRL's cut never triggers; padding-free TRL refuses a max_length
+        # without packing (it could not enforce it) and wants already clipped rows, which these are.
+        max_length=None if cfg.train.padding_free else cfg.prompt.max_length,
         completion_only_loss=True,
         # Always explicit: Unsloth turns padding-free batching on by itself otherwise (TrainConfig.padding_free).
         padding_free=cfg.train.padding_free,

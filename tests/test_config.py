@@ -56,6 +56,9 @@ def _write(tmp_path, text):
      r"c\.yaml: resume_if_exists needs ray\.run_name: without it a rerun gets a new Ray Train run"),
     ("output_dir: a\ndata: {train: x}\nray: {run_name: r}\n", ["resume_if_exists=true", "overwrite=true"],
      r"either resume_if_exists .* or overwrite .*, not both"),
+    ("output_dir: a\ndata: {train: x}\nmodel: {backend: hf}\n", ["train.padding_free=true"],
+     r"c\.yaml: train\.padding_free needs model\.backend unsloth: with the hf backend \(sdpa attention\) each "
+     r"review packed into a row would attend to the reviews packed before it"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, yaml_text, overrides, message):
     with pytest.raises(ConfigError, match=message):

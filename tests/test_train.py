@@ -180,3 +180,14 @@ def test_output_dir_is_checked_before_ray_starts(tiny_model_dir, synthetic_train
         run_finetune(_config(tiny_model_dir, data / "*.parquet", data, "overwrite=true"))
     with pytest.raises(OutputNotWritableError, match=r"^output /proc/sr-adapter: cannot write in /proc"):
         run_finetune(_config(tiny_model_dir, synthetic_train_file, "/proc/sr-adapter"))
+
+
+def test_padding_free_is_refused_when_auto_picks_the_hf_backend(tiny_model_dir, synthetic_train_file, tmp_path):
+    # On a machine without CUDA `model.backend: auto` becomes hf, whose sdpa attention would let packed reviews see
+    # each other; the check runs again once the backend is known, before any model is loaded.
+    from sentiment_ray.train import build_trainer
+
+    cfg = _config(tiny_model_dir, synthetic_train_file, tmp_path / "adapter", "model.backend=auto",
+                  "train.padding_free=true")
+    with pytest.raises(ConfigError, match=r"^train\.padding_free needs model\.backend unsloth"):
+        build_trainer(cfg, ["good"], [1], str(tmp_path / "work"))

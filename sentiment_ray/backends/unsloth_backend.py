@@ -14,7 +14,18 @@ def _fast_language_model():
             f"the unsloth backend needs an NVIDIA GPU and `pip install 'sentiment_ray[gpu]'` ({type(exc).__name__}: "
             f"{exc}); use model.backend=hf on CPU"
         ) from exc
+    _enable_varlen_attention()
     return FastLanguageModel
+
+
+def _enable_varlen_attention() -> None:
+    try:
+        from unsloth.utils import attention_dispatch
+    except ImportError:  # an Unsloth without this module has its own attention code
+        return
+    from sentiment_ray.backends.unsloth_varlen import enable_varlen_attention
+
+    enable_varlen_attention(attention_dispatch)
 
 
 def _dtype(model: ModelConfig):

@@ -16,6 +16,8 @@ reported):
   cuda_graphs    `forward: cuda_graphs`: the static shapes replayed from captured CUDA graphs
   compiled       `forward: compiled`: the eager groups with each decoder layer under torch.compile (one dynamic
                  graph shared by all layers, compiled_forward.py); its compile seconds are reported, in the warm-up
+  compiled_graphs  `forward: compiled_graphs`: the static shapes through the compiled layers, each shape replayed
+                 from a captured CUDA graph (compile and captures reported together as capture seconds)
   compiled_decoder  unmasked, the whole decoder under torch.compile(dynamic=True) (§8's try): compile time apart
   liger+X        variant X after Liger's fused RMSNorm, RoPE and SwiGLU kernels are patched in (needs
                  `pip install liger-kernel`; patches the model for good, so liger variants come last)
@@ -66,21 +68,10 @@ def masked_scores(scorer, prompts: list[list[int]]) -> list[float]:
 
 def set_forward(scorer, mode: str, steps: str = "") -> None:
     """Switch a loaded scorer's forward mode in place (one model load for every variant)."""
-    from sentiment_ray.config import SHAPED_FORWARDS
     from sentiment_ray.forward_shapes import ShapeBuckets
-    from sentiment_ray.graphed_forward import CudaGraphForward
 
-    scorer.forward_mode = mode
     width_step, row_step = (int(x) for x in steps.split("/")) if steps else (64, 32)
-    scorer.buckets = ShapeBuckets(scorer.max_batch_tokens, width_step, row_step) if mode in SHAPED_FORWARDS else None
-    scorer._graphs = CudaGraphForward(scorer._logits_of, scorer.device) if mode == "cuda_graphs" else None
-    if scorer._compiled is not None:
-        scorer._compiled.uncompile()
-        scorer._compiled = None
-    if mode == "compiled":
-        from sentiment_ray.compiled_forward import CompiledDecoderLayers
-
-        scorer._compiled = CompiledDecoderLayers(scorer._decoder)
+    scorer.use_forward(mode, ShapeBuckets(scorer.max_batch_tokens, width_step, row_step))
 
 
 def time_variant(score, batches: list[list[list[int]]]) -> tuple[float, list[float]]:

@@ -176,6 +176,7 @@ def main() -> None:
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2":
         model_dir = build_random_smollm2(Path(args.arch), work / "smollm2-random")
     else:

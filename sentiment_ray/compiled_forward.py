@@ -15,7 +15,9 @@ to eager ones. Compile seconds are counted (the ledger's capture_seconds) and in
 on disk, so a restarted actor on the same node loads it.
 
 Measured on an H200 (docs/BENCHMARKS.md §14): one graph, 7-11 s to compile cold; SmolLM2's bare forward 2.18x
-eager and the job's steady rate 1.52x; the 7B's 1.23x and 1.25x. Not bit-equal to eager in bf16: fused kernels
+eager and the job's steady rate 1.52x; the 7B's 1.23x and 1.25x. The compiled forward is still bound by the
+Python thread that launches its kernels; `forward: compiled_graphs` captures them per shape (graphed_forward.py):
+SmolLM2's job 2.76x eager (§15). Not bit-equal to eager in bf16: fused kernels
 reduce and round in other places (inductor's emulation narrows it, cannot close it), and 30 layers carry the
 difference to the scores. Against a float32 forward, compiled and eager bf16 scores are equally far off (mean
 2.2e-3, p99 ~3e-2 on a finetuned SmolLM2), so the choice changes the noise of bf16, not its size.
@@ -43,12 +45,16 @@ class CompiledDecoderLayers:
     def __init__(self, decoder):
         import torch
         import torch._inductor.config as inductor_config
+        import torch.fx.experimental._config as fx_config
 
         layers = getattr(decoder, "layers", None)
         if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
             raise ValueError(f"forward=compiled needs a decoder with a `layers` list; {type(decoder).__name__} "
                              "has none")
         inductor_config.emulate_precision_casts = True
+        # Dynamo gives sizes equal at the first call one symbol ("duck shaping"), and compiles again when they
+        # differ later: a 64-row forward of width 64 would cost a second graph. One symbol per size instead.
+        fx_config.use_duck_shape = False
         self.layers = list(layers)
         for layer in self.layers:
             layer.compile(dynamic=True)
@@ -72,7 +78,9 @@ class CompiledDecoderLayers:
             return forward(*args)
         new = _graphs_compiled() - before
         if new:
-            if args and getattr(args[0], "is_cuda", False):
+            # Not inside a CUDA graph capture (compiled_graphs), where a synchronize is an error; compiles happen
+            # in the warm-up forward before it.
+            if args and getattr(args[0], "is_cuda", False) and not torch.cuda.is_current_stream_capturing():
                 torch.cuda.synchronize(args[0].device)
             seconds = time.perf_counter() - started
             self.graphs += new

@@ -20,8 +20,11 @@ TINY_MODEL = "embedded:tiny-random-mistral"  # built locally in a second; for te
 BACKENDS = ("auto", "hf", "unsloth")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs", "compiled")  # ScoreConfig.forward
-SHAPED_FORWARDS = ("static_shapes", "cuda_graphs")  # forwards padded to ShapeBuckets: need max_batch_tokens
+FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs", "compiled", "compiled_graphs")  # ScoreConfig.forward
+# forwards padded to ShapeBuckets (they need max_batch_tokens), replayed from CUDA graphs, run through compiled layers
+SHAPED_FORWARDS = ("static_shapes", "cuda_graphs", "compiled_graphs")
+GRAPHED_FORWARDS = ("cuda_graphs", "compiled_graphs")
+COMPILED_FORWARDS = ("compiled", "compiled_graphs")
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -257,14 +260,15 @@ class ScoreConfig:
     max_batch_tokens: int | None = None
     # How the scoring actor runs its forwards: `eager` (length-sorted groups within max_batch_tokens),
     # `static_shapes` (the groups padded to a few fixed shapes, forward_shapes.py), `cuda_graphs` (static shapes,
-    # each replayed from a CUDA graph captured on first use: no per-kernel launch cost; GPU only). On an H200 with
-    # SmolLM2 and 2,048-row batches the graphs were no faster than eager (docs/BENCHMARKS.md §10): forwards that
-    # large are not launch-bound, so eager is the default. Scores were bit-identical to eager there. `compiled`
-    # (the eager groups with each decoder layer under torch.compile: fused elementwise kernels, one graph for all
-    # layers and shapes, compiled by each actor once; compiled_forward.py): an unquantized base (hf backend) only.
-    # On an H200 it scored 1.52x (SmolLM2) and 1.25x (7B) the eager steady rate in the job after a compile of
-    # 5-11 s per actor; its bf16 scores are not eager's (up to 0.06 apart on a finetuned SmolLM2) but as close to
-    # a float32 forward as eager's are (docs/BENCHMARKS.md §14), which is why eager stays the default.
+    # each replayed from a CUDA graph captured on first use: no per-kernel launch cost; GPU only; scores
+    # bit-identical to eager), `compiled` (the eager groups with each decoder layer under torch.compile: fused
+    # elementwise kernels, one graph for all layers and shapes, compiled by each actor once; compiled_forward.py),
+    # `compiled_graphs` (the compiled layers on static shapes, each shape captured as a CUDA graph: fused kernels and
+    # no launches; GPU only). The compiled modes need an unquantized base (hf backend). On one H200 with SmolLM2 the
+    # job's steady rate was 1,884 reviews/s eager, 2,864 compiled and 5,199 compiled_graphs, after a compile and
+    # capture of 6-11 s per actor; the 7B's was 91 eager and 114 compiled (docs/BENCHMARKS.md §14, §15). Compiled
+    # bf16 scores are not eager's (up to 0.06 apart on a finetuned SmolLM2) but as close to a float32 forward as
+    # eager's are (§14), which is why eager stays the default.
     forward: str = "eager"
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
     num_cpus_per_actor: float = 1.0  # per scoring actor
@@ -306,8 +310,8 @@ class ScoreConfig:
         _choice("forward", self.forward, FORWARD_MODES)
         if self.forward in SHAPED_FORWARDS and not self.max_batch_tokens:
             raise ConfigError(f"forward={self.forward} needs max_batch_tokens: the forward shapes are cut from it")
-        if self.forward == "compiled" and (self.model.load_in_4bit or self.model.backend == "unsloth"):
-            raise ConfigError("forward=compiled needs an unquantized base on the hf backend (model.backend: hf, "
+        if self.forward in COMPILED_FORWARDS and (self.model.load_in_4bit or self.model.backend == "unsloth"):
+            raise ConfigError(f"forward={self.forward} needs an unquantized base on the hf backend (model.backend: hf, "
                               "model.load_in_4bit: false): Unsloth's and bitsandbytes' kernels do not compile")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1] (a score >= it is positive), got {self.threshold}")

@@ -23,9 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sentiment_ray.config import EMBEDDED_MODEL, FORWARD_MODES, SHAPED_FORWARDS, ModelConfig
+from sentiment_ray.config import (
+    COMPILED_FORWARDS,
+    EMBEDDED_MODEL,
+    FORWARD_MODES,
+    GRAPHED_FORWARDS,
+    SHAPED_FORWARDS,
+    ModelConfig,
+)
 from sentiment_ray.data import utf8_problem
 from sentiment_ray.forward_shapes import ShapeBuckets
+from sentiment_ray.graphed_forward import causal_decoder_hidden
 from sentiment_ray.labels import CLASS_NAMES
 from sentiment_ray.metadata import (
     AdapterError,
@@ -202,28 +210,36 @@ class SentimentScorer:
         self._logit_scale = getattr(text_config, "logit_scale", None) or 1.0
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
         self.device = self._label_weight.device
-        self.forward_mode = self._resolve_forward(forward)
-        self.buckets = ShapeBuckets(max_batch_tokens) if self.forward_mode in SHAPED_FORWARDS else None
         self._graphs = None
         self._compiled = None
-        if self.forward_mode == "cuda_graphs":
-            from sentiment_ray.graphed_forward import CudaGraphForward
+        self.use_forward(forward)
 
-            self._graphs = CudaGraphForward(self._logits_of, self.device)
-        elif self.forward_mode == "compiled":
+    def use_forward(self, forward: str, buckets: ShapeBuckets | None = None) -> None:
+        """How forwards run from now on (ScoreConfig.forward); in place, so that one loaded model can serve
+        several modes (benchmarks/gpu_forward.py). `buckets`: other shape steps than ShapeBuckets' defaults."""
+        if forward not in FORWARD_MODES:
+            raise ValueError(f"forward must be one of {list(FORWARD_MODES)}, got {forward!r}")
+        if forward in SHAPED_FORWARDS and not self.max_batch_tokens:
+            raise ValueError(f"forward={forward} needs max_batch_tokens: the shapes are cut from the token budget")
+        if forward in GRAPHED_FORWARDS and self.device.type != "cuda":
+            raise ValueError(f"forward={forward} needs the model on a CUDA device; it is on {self.device}")
+        if self._compiled is not None:
+            self._compiled.uncompile()
+            self._compiled = None
+        self.forward_mode = forward
+        self.buckets = (buckets or ShapeBuckets(self.max_batch_tokens)) if forward in SHAPED_FORWARDS else None
+        if forward in COMPILED_FORWARDS:
             from sentiment_ray.compiled_forward import CompiledDecoderLayers
 
             self._compiled = CompiledDecoderLayers(self._decoder)
+        self._graphs = None
+        if forward in GRAPHED_FORWARDS:
+            from sentiment_ray.graphed_forward import CudaGraphForward, check_capturable_decoder
 
-    def _resolve_forward(self, forward: str) -> str:
-        if forward not in FORWARD_MODES:
-            raise ValueError(f"forward must be one of {list(FORWARD_MODES)}, got {forward!r}")
-        on_cuda = self.device.type == "cuda"
-        if forward in SHAPED_FORWARDS and not self.max_batch_tokens:
-            raise ValueError(f"forward={forward} needs max_batch_tokens: the shapes are cut from the token budget")
-        if forward == "cuda_graphs" and not on_cuda:
-            raise ValueError(f"forward=cuda_graphs needs the model on a CUDA device; it is on {self.device}")
-        return forward
+            check_capturable_decoder(self._decoder, self.encoder.spec.max_length)
+            # compiled_graphs: the compiled layers' kernels captured per shape, so that a replay launches none
+            # of them from Python (the compiled forward alone was bound by its launching thread, BENCHMARKS §14).
+            self._graphs = CudaGraphForward(self._run_logits, self.device)
 
     @property
     def capture_seconds(self) -> float:
@@ -301,7 +317,10 @@ class SentimentScorer:
             # causal attention already keeps a position from seeing anything after it. Without a mask the model
             # builds no [batch, 1, width, width] mask per forward and SDPA takes its causal kernel (1.32x on
             # SmolLM2 on an H200, docs/BENCHMARKS.md §8).
-            hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            if self._graphs is not None:  # the same steps, but no mask built inside a capture
+                hidden = causal_decoder_hidden(self._decoder, input_ids)
+            else:
+                hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
             last = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last_positions]
             logits = last.to(self._label_weight.dtype) @ self._label_weight.t()
             if self._label_bias is not None:
@@ -332,10 +351,14 @@ class SentimentScorer:
             except RuntimeError as exc:  # a model whose forward syncs with the host cannot be captured
                 logger.warning("CUDA graph capture failed (%s: %s); scoring with static shapes, uncaptured",
                                type(exc).__name__, str(exc)[:300])
-                self._graphs, self.forward_mode = None, "static_shapes"
+                self._graphs = None
+                self.forward_mode = "compiled" if self._compiled is not None else "static_shapes"
+        return self._run_logits(input_ids, last)[:len(prompts)]
+
+    def _run_logits(self, input_ids, last_positions):
         if self._compiled is not None and self._compiled.active:
-            return self._compiled.run(self._logits_of, input_ids, last)[:len(prompts)]
-        return self._logits_of(input_ids, last)[:len(prompts)]
+            return self._compiled.run(self._logits_of, input_ids, last_positions)
+        return self._logits_of(input_ids, last_positions)
 
     def _margins(self, prompts: list[list[int]]):
         """(logit(positive) - logit(negative) per prompt as a device tensor, prompt order of the tensor's rows)."""

@@ -234,10 +234,41 @@ def test_a_compiler_that_fails_before_anything_compiled_leaves_the_eager_forward
     assert "compiling the decoder layers failed (RuntimeError: no C compiler found); scoring eager" in caplog.text
 
 
-def test_forward_compiled_is_refused_for_quantized_or_unsloth_bases():
+def test_compiled_layers_on_static_shapes_score_as_eager(random_adapter):
+    """The CPU twin of `forward: compiled_graphs` up to the capture: the compiled layers run the padded fixed
+    shapes (dummy rows, rounded widths) that the GPU then captures, one graph for all of them."""
+    torch._dynamo.reset()
+    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
+    eager = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=256, forward="eager")
+    compiled = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=256, forward="compiled")
+    compiled.buckets = ShapeBuckets(256, width_step=16, row_step=4)
+    forwards = compiled.buckets.plan([len(p) for p in compiled.preparer.prepare(LONG_AND_SHORT).input_ids])
+    assert any(f.padded_rows > len(f.rows) for f in forwards) and len({f.shape for f in forwards}) >= 2
+    assert compiled.score_texts(LONG_AND_SHORT).scores == pytest.approx(eager.score_texts(LONG_AND_SHORT).scores,
+                                                                        abs=1e-5)
+    assert compiled._compiled.graphs == 1
+
+
+def test_use_forward_switches_a_loaded_scorer_in_place(random_adapter):
+    torch._dynamo.reset()
+    model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
+    scorer = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=256, forward="compiled")
+    layers = scorer._compiled.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    scorer.use_forward("static_shapes", ShapeBuckets(256, width_step=16, row_step=8))
+    assert scorer.forward_mode == "static_shapes" and scorer._compiled is None
+    assert all(layer._compiled_call_impl is None for layer in layers)  # back to eager layers
+    assert (scorer.buckets.width_step, scorer.buckets.row_step) == (16, 8)
+    scorer.use_forward("eager")
+    assert scorer.buckets is None and scorer._graphs is None
+
+
+@pytest.mark.parametrize("forward", ["compiled", "compiled_graphs"])
+def test_compiled_forwards_are_refused_for_quantized_or_unsloth_bases(forward):
     for model in ({"load_in_4bit": True}, {"backend": "unsloth"}):
-        with pytest.raises(ConfigError, match="forward=compiled needs an unquantized base"):
-            ScoreConfig(input="in", output="out", forward="compiled", model=ScoringModelConfig(**model)).validate()
+        with pytest.raises(ConfigError, match=f"forward={forward} needs an unquantized base"):
+            ScoreConfig(input="in", output="out", forward=forward, max_batch_tokens=4096,
+                        model=ScoringModelConfig(**model)).validate()
 
 
 def test_forward_is_eager_by_default_and_graphs_need_cuda(random_adapter):
@@ -245,8 +276,9 @@ def test_forward_is_eager_by_default_and_graphs_need_cuda(random_adapter):
     assert SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512).forward_mode == "eager"
     with pytest.raises(ValueError, match="forward must be one of"):
         SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="jit")
-    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
-        SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="cuda_graphs")
+    for graphed in ("cuda_graphs", "compiled_graphs"):
+        with pytest.raises(ValueError, match=f"forward={graphed} needs the model on a CUDA device; it is on cpu"):
+            SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward=graphed)
     with pytest.raises(ValueError, match="needs max_batch_tokens"):
         SentimentScorer.from_adapter(random_adapter, model, forward="static_shapes")
 
@@ -268,3 +300,21 @@ def test_temperature_and_threshold_come_from_the_adapter(random_adapter, tmp_pat
     calibrated = scorer.score_texts(TEXTS).scores
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     assert [logit(c) for c in calibrated] == pytest.approx([logit(p) / 2.5 for p in plain], abs=1e-6)
+
+
+def test_the_capturable_decoder_steps_equal_the_decoders_own_forward(random_adapter):
+    """What CUDA graph forwards run instead of the decoder's forward (no mask builder): the same hidden states, so
+    that a capture records the eager forward's kernels. The GPU tests capture it."""
+    from sentiment_ray.graphed_forward import causal_decoder_hidden, check_capturable_decoder
+
+    scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
+    prepared = scorer.preparer.prepare(LONG_AND_SHORT).input_ids
+    input_ids, _ = scorer._padded(prepared)
+    with torch.inference_mode():
+        expected = scorer._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        actual = causal_decoder_hidden(scorer._decoder, input_ids)
+    assert input_ids.shape[0] == len(LONG_AND_SHORT) and torch.equal(actual, expected)
+    check_capturable_decoder(scorer._decoder, 512)
+    scorer._decoder.config.sliding_window = 64
+    with pytest.raises(ValueError, match="sliding window of 64 tokens, shorter than prompts of up to 512"):
+        check_capturable_decoder(scorer._decoder, 512)

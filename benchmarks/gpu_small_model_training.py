@@ -86,8 +86,11 @@ def step_timer_and_profiler(profile_to: Path | None):
                 wall = time.perf_counter() - self._profile_start
                 self.profiler.__exit__(None, None, None)
                 events = self.profiler.key_averages()
-                gpu_us = sum(e.self_device_time_total for e in events)
-                kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+                # Only the device-side events: an aten op's row repeats the time of the kernels it launched
+                # (as the profiler's own table totals it; summing every row counted kernel time twice).
+                on_device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+                gpu_us = sum(e.self_device_time_total for e in on_device)
+                kernels = sum(e.count for e in on_device)
                 steps = PROFILED_STEPS[1] - PROFILED_STEPS[0]
                 summary = (f"wall {1000 * wall / steps:.1f} ms/step, GPU busy {gpu_us / 1e3 / steps:.1f} ms/step "
                            f"({100 * gpu_us / 1e6 / wall:.0f} %), ~{kernels // steps} GPU ops/step\n")

@@ -221,8 +221,12 @@ class SentimentScorer:
             raise ValueError(f"forward must be one of {list(FORWARD_MODES)}, got {forward!r}")
         if forward in SHAPED_FORWARDS and not self.max_batch_tokens:
             raise ValueError(f"forward={forward} needs max_batch_tokens: the shapes are cut from the token budget")
-        if forward in GRAPHED_FORWARDS and self.device.type != "cuda":
-            raise ValueError(f"forward={forward} needs the model on a CUDA device; it is on {self.device}")
+        if forward in GRAPHED_FORWARDS:
+            from sentiment_ray.graphed_forward import check_capturable_decoder
+
+            if self.device.type != "cuda":
+                raise ValueError(f"forward={forward} needs the model on a CUDA device; it is on {self.device}")
+            check_capturable_decoder(self._decoder, self.encoder.spec.max_length)
         if self._compiled is not None:
             self._compiled.uncompile()
             self._compiled = None
@@ -234,9 +238,8 @@ class SentimentScorer:
             self._compiled = CompiledDecoderLayers(self._decoder)
         self._graphs = None
         if forward in GRAPHED_FORWARDS:
-            from sentiment_ray.graphed_forward import CudaGraphForward, check_capturable_decoder
+            from sentiment_ray.graphed_forward import CudaGraphForward
 
-            check_capturable_decoder(self._decoder, self.encoder.spec.max_length)
             # compiled_graphs: the compiled layers' kernels captured per shape, so that a replay launches none
             # of them from Python (the compiled forward alone was bound by its launching thread, BENCHMARKS §14).
             self._graphs = CudaGraphForward(self._run_logits, self.device)
@@ -349,10 +352,11 @@ class SentimentScorer:
             try:
                 return self._graphs(input_ids, last)[:len(prompts)]
             except RuntimeError as exc:  # a model whose forward syncs with the host cannot be captured
-                logger.warning("CUDA graph capture failed (%s: %s); scoring with static shapes, uncaptured",
-                               type(exc).__name__, str(exc)[:300])
                 self._graphs = None
                 self.forward_mode = "compiled" if self._compiled is not None else "static_shapes"
+                logger.warning("CUDA graph capture failed (%s: %s); scoring with static shapes, uncaptured%s",
+                               type(exc).__name__, str(exc)[:300],
+                               ", through the compiled layers" if self._compiled is not None else "")
         return self._run_logits(input_ids, last)[:len(prompts)]
 
     def _run_logits(self, input_ids, last_positions):

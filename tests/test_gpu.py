@@ -79,7 +79,7 @@ def test_padding_free_unsloth_training_follows_the_padded_run(ray_session, small
         ])
         losses[padding_free] = run_finetune(cfg)["metrics"]["train_loss"]
     print(f"mean training loss, padded {losses[False]:.4f}, padding-free {losses[True]:.4f}")
-    assert losses[False] > 0.05  # something is learned from a loss well above zero: not a constant
+    assert losses[False] > 0.05  # a real label-token loss, not the 0 of labels all masked out
     assert losses[True] == pytest.approx(losses[False], rel=0.05)
 
 

@@ -3,9 +3,10 @@
     python benchmarks/gpu_score_precision.py --adapter /tmp/acc_r64/adapter --data .data/imdb/dev.parquet
 
 Scores the reviews with the adapter's base + merged adapter as the score job does (`SentimentScorer`, hf backend):
-float32 eager (the reference), bf16 eager and bf16 `forward: compiled`, each at two token budgets (different
-forward shapes), and prints each variant's distance from the reference and from bf16 eager, its label flips
-against bf16 eager and its accuracy. BENCHMARKS §14 quotes it for the finetuned SmolLM2.
+float32 eager (the reference), bf16 eager and the bf16 compiled forwards, each at two token budgets (different
+forward shapes), and prints each variant's distance from the reference and from the first of `--forwards` (bf16
+eager by default), its label flips against that one and its accuracy (`compiled_graphs` needs `--device cuda`).
+BENCHMARKS §14 quotes it for the finetuned SmolLM2.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--data", required=True, help="Parquet with text and label (0/1) columns")
     parser.add_argument("--budgets", default="131072,32768", help="max_batch_tokens values, comma-separated")
+    parser.add_argument("--forwards", default="eager,compiled,compiled_graphs",
+                        help="bf16 forward modes to compare (the first is the one the others are compared with)")
     parser.add_argument("--limit", type=int, help="the first N reviews only")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script on a small set")
     args = parser.parse_args()
@@ -45,18 +48,19 @@ def main() -> None:
 
     budgets = [int(b) for b in args.budgets.split(",")]
     reference = scores("float32", budgets[0], "eager")
+    forwards = args.forwards.split(",")
     variants = {f"bf16 {forward} {budget}": scores("bfloat16", budget, forward)
-                for forward in ("eager", "compiled") for budget in budgets}
-    eager = variants[f"bf16 eager {budgets[0]}"]
+                for forward in forwards for budget in budgets}
+    baseline = variants[f"bf16 {forwards[0]} {budgets[0]}"]
     print(f"\n{len(texts)} reviews of {args.data}, adapter {args.adapter}; float32 eager accuracy "
           f"{accuracy(reference):.4f}")
-    print(f"{'variant':24}{'vs fp32 mean':>14}{'p99':>10}{'max':>10}{'vs bf16 eager max':>19}{'p99':>10}"
+    print(f"{'variant':24}{'vs fp32 mean':>14}{'p99':>10}{'max':>10}{'vs bf16 ' + forwards[0] + ' max':>19}{'p99':>10}"
           f"{'flips':>7}{'accuracy':>10}")
     for name, values in variants.items():
-        to_reference, to_eager = np.abs(values - reference), np.abs(values - eager)
-        flips = int(np.sum((values >= 0.5) != (eager >= 0.5)))
+        to_reference, to_baseline = np.abs(values - reference), np.abs(values - baseline)
+        flips = int(np.sum((values >= 0.5) != (baseline >= 0.5)))
         print(f"{name:24}{to_reference.mean():>14.2e}{np.quantile(to_reference, 0.99):>10.2e}"
-              f"{to_reference.max():>10.2e}{to_eager.max():>19.2e}{np.quantile(to_eager, 0.99):>10.2e}"
+              f"{to_reference.max():>10.2e}{to_baseline.max():>19.2e}{np.quantile(to_baseline, 0.99):>10.2e}"
               f"{flips:>7}{accuracy(values):>10.4f}")
 
 

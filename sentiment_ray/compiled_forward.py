@@ -17,7 +17,8 @@ on disk, so a restarted actor on the same node loads it.
 Measured on an H200 (docs/BENCHMARKS.md §14): one graph, 7-11 s to compile cold; SmolLM2's bare forward 2.18x
 eager and the job's steady rate 1.52x; the 7B's 1.23x and 1.25x. The compiled forward is still bound by the
 Python thread that launches its kernels; `forward: compiled_graphs` captures them per shape (graphed_forward.py):
-SmolLM2's job 2.76x eager (§15). Not bit-equal to eager in bf16: fused kernels
+SmolLM2's job 2.76x eager (§15); `forward: compiled_packed` runs them on packed rows without padding
+(packed_forward.py): the 7B job's scoring 1.8x eager (§16). Not bit-equal to eager in bf16: fused kernels
 reduce and round in other places (inductor's emulation narrows it, cannot close it), and 30 layers carry the
 difference to the scores. Against a float32 forward, compiled and eager bf16 scores are equally far off (mean
 2.2e-3, p99 ~3e-2 on a finetuned SmolLM2), so the choice changes the noise of bf16, not its size.

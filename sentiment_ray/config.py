@@ -20,11 +20,14 @@ TINY_MODEL = "embedded:tiny-random-mistral"  # built locally in a second; for te
 BACKENDS = ("auto", "hf", "unsloth")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs", "compiled", "compiled_graphs")  # ScoreConfig.forward
-# forwards padded to ShapeBuckets (they need max_batch_tokens), replayed from CUDA graphs, run through compiled layers
+FORWARD_MODES = ("eager", "static_shapes", "cuda_graphs", "compiled", "compiled_graphs", "packed",
+                 "compiled_packed")  # ScoreConfig.forward
+# forwards padded to ShapeBuckets, replayed from CUDA graphs, run through compiled layers, packed without padding
 SHAPED_FORWARDS = ("static_shapes", "cuda_graphs", "compiled_graphs")
 GRAPHED_FORWARDS = ("cuda_graphs", "compiled_graphs")
-COMPILED_FORWARDS = ("compiled", "compiled_graphs")
+COMPILED_FORWARDS = ("compiled", "compiled_graphs", "compiled_packed")
+PACKED_FORWARDS = ("packed", "compiled_packed")
+BUDGETED_FORWARDS = SHAPED_FORWARDS + PACKED_FORWARDS  # their forwards are cut from max_batch_tokens
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -264,11 +267,13 @@ class ScoreConfig:
     # bit-identical to eager), `compiled` (the eager groups with each decoder layer under torch.compile: fused
     # elementwise kernels, one graph for all layers and shapes, compiled by each actor once; compiled_forward.py),
     # `compiled_graphs` (the compiled layers on static shapes, each shape captured as a CUDA graph: fused kernels and
-    # no launches; GPU only). The compiled modes need an unquantized base (hf backend). On one H200 with SmolLM2 the
-    # job's steady rate was 1,884 reviews/s eager, 2,864 compiled and 5,199 compiled_graphs, after a compile and
-    # capture of 6-11 s per actor; the 7B's was 91 eager and 114 compiled (docs/BENCHMARKS.md §14, §15). Compiled
+    # no launches; GPU only), `packed` (no padding: the rows of a forward end to end in one row of <= max_batch_tokens
+    # tokens, each attending to itself through the varlen flash kernel; packed_forward.py; hf backend, Llama-family
+    # models) and `compiled_packed` (packed, through the compiled layers). The compiled modes need an unquantized
+    # base (hf backend). On one H200 the 7B job's steady rate was 91 reviews/s eager and 185 compiled_packed; SmolLM2's
+    # 4,569 compiled_graphs and 3,607 compiled_packed, paced by the tokenizing stage (docs/BENCHMARKS.md §16). Their
     # bf16 scores are not eager's (up to 0.06 apart on a finetuned SmolLM2) but as close to a float32 forward as
-    # eager's are (§14), which is why eager stays the default.
+    # eager's are (§14, §16), which is why eager stays the default; the GPU configs choose the fastest.
     forward: str = "eager"
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
     num_cpus_per_actor: float = 1.0  # per scoring actor
@@ -308,11 +313,14 @@ class ScoreConfig:
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _choice("forward", self.forward, FORWARD_MODES)
-        if self.forward in SHAPED_FORWARDS and not self.max_batch_tokens:
-            raise ConfigError(f"forward={self.forward} needs max_batch_tokens: the forward shapes are cut from it")
+        if self.forward in BUDGETED_FORWARDS and not self.max_batch_tokens:
+            raise ConfigError(f"forward={self.forward} needs max_batch_tokens: its forwards are cut from it")
         if self.forward in COMPILED_FORWARDS and (self.model.load_in_4bit or self.model.backend == "unsloth"):
             raise ConfigError(f"forward={self.forward} needs an unquantized base on the hf backend (model.backend: hf, "
                               "model.load_in_4bit: false): Unsloth's and bitsandbytes' kernels do not compile")
+        if self.forward in PACKED_FORWARDS and self.model.backend == "unsloth":
+            raise ConfigError(f"forward={self.forward} needs the hf backend (model.backend: hf): it hands each "
+                              "review's offsets to transformers' attention, which Unsloth's patched layers drop")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1] (a score >= it is positive), got {self.threshold}")
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:

@@ -54,16 +54,17 @@ def causal_decoder_hidden(decoder, input_ids):
     return decoder.norm(hidden)
 
 
-def check_capturable_decoder(decoder, max_tokens: int) -> None:
-    """causal_decoder_hidden runs a decoder of transformers' Llama family (Llama, Mistral, Qwen2, SmolLM2) whose
-    attention over a prompt of up to `max_tokens` is plain causal; anything else is refused, not run differently."""
+def check_plain_causal_decoder(decoder, max_tokens: int, forward: str = "cuda_graphs") -> None:
+    """causal_decoder_hidden and packed_forward.packed_last_hidden run a decoder of transformers' Llama family
+    (Llama, Mistral, Qwen2, SmolLM2) whose attention over a prompt of up to `max_tokens` is plain causal; anything
+    else is refused, not run differently."""
     missing = [name for name in ("embed_tokens", "rotary_emb", "layers", "norm") if not hasattr(decoder, name)]
     if missing:
-        raise ValueError(f"CUDA graph forwards need a Llama-family decoder; {type(decoder).__name__} has no "
+        raise ValueError(f"forward={forward} needs a Llama-family decoder; {type(decoder).__name__} has no "
                          f"{', '.join(missing)}")
     window = getattr(decoder.config, "sliding_window", None)
     if window is not None and getattr(decoder.config, "use_sliding_window", True) and window < max_tokens:
-        raise ValueError(f"CUDA graph forwards run plain causal attention; this model attends within a sliding "
+        raise ValueError(f"forward={forward} runs plain causal attention; this model attends within a sliding "
                          f"window of {window} tokens, shorter than prompts of up to {max_tokens}")
 
 

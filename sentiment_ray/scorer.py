@@ -4,6 +4,8 @@ P(positive) = softmax(logit[negative word], logit[positive word])[1] at the posi
 No `generate()`: the label words are single tokens, so their two logits answer the question exactly. The batch
 is right-padded and each row's last real position is gathered, so the positions the model sees are the same as
 for that row alone; only the hidden state of that position meets the LM head, and only the two label rows of it.
+With `forward: packed` / `compiled_packed` the rows are packed end to end instead, no pad tokens at all
+(packed_forward.py).
 
 What counts as text (every other value is a marked row, never an exception that loses the batch):
 - a `str` that encodes to UTF-8. A str holding lone surrogates (what invalid bytes become under Python's
@@ -24,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from sentiment_ray.config import (
+    BUDGETED_FORWARDS,
     COMPILED_FORWARDS,
     EMBEDDED_MODEL,
     FORWARD_MODES,
     GRAPHED_FORWARDS,
+    PACKED_FORWARDS,
     SHAPED_FORWARDS,
     ModelConfig,
 )
@@ -212,6 +216,7 @@ class SentimentScorer:
         self.device = self._label_weight.device
         self._graphs = None
         self._compiled = None
+        self._replaced_attention = None  # the decoder's attention implementation while packed forwards replace it
         self.use_forward(forward)
 
     def use_forward(self, forward: str, buckets: ShapeBuckets | None = None) -> None:
@@ -219,17 +224,22 @@ class SentimentScorer:
         several modes (benchmarks/gpu_forward.py). `buckets`: other shape steps than ShapeBuckets' defaults."""
         if forward not in FORWARD_MODES:
             raise ValueError(f"forward must be one of {list(FORWARD_MODES)}, got {forward!r}")
-        if forward in SHAPED_FORWARDS and not self.max_batch_tokens:
-            raise ValueError(f"forward={forward} needs max_batch_tokens: the shapes are cut from the token budget")
-        if forward in GRAPHED_FORWARDS:
-            from sentiment_ray.graphed_forward import check_capturable_decoder
+        if forward in BUDGETED_FORWARDS and not self.max_batch_tokens:
+            raise ValueError(f"forward={forward} needs max_batch_tokens: its forwards are cut from the token budget")
+        if forward in GRAPHED_FORWARDS and self.device.type != "cuda":
+            raise ValueError(f"forward={forward} needs the model on a CUDA device; it is on {self.device}")
+        if forward in GRAPHED_FORWARDS + PACKED_FORWARDS:
+            from sentiment_ray.graphed_forward import check_plain_causal_decoder
 
-            if self.device.type != "cuda":
-                raise ValueError(f"forward={forward} needs the model on a CUDA device; it is on {self.device}")
-            check_capturable_decoder(self._decoder, self.encoder.spec.max_length)
+            check_plain_causal_decoder(self._decoder, self.encoder.spec.max_length, forward)
+        if forward in PACKED_FORWARDS:
+            from sentiment_ray.packed_forward import check_packable
+
+            check_packable(self._decoder, forward)
         if self._compiled is not None:
             self._compiled.uncompile()
             self._compiled = None
+        self._set_packed_attention(forward in PACKED_FORWARDS)
         self.forward_mode = forward
         self.buckets = (buckets or ShapeBuckets(self.max_batch_tokens)) if forward in SHAPED_FORWARDS else None
         if forward in COMPILED_FORWARDS:
@@ -243,6 +253,15 @@ class SentimentScorer:
             # compiled_graphs: the compiled layers' kernels captured per shape, so that a replay launches none
             # of them from Python (the compiled forward alone was bound by its launching thread, BENCHMARKS §14).
             self._graphs = CudaGraphForward(self._run_logits, self.device)
+
+    def _set_packed_attention(self, packed: bool) -> None:
+        from sentiment_ray import packed_forward
+
+        if packed and self._replaced_attention is None:
+            self._replaced_attention = packed_forward.install_packed_attention(self._decoder)
+        elif not packed and self._replaced_attention is not None:
+            packed_forward.restore_attention(self._decoder, self._replaced_attention)
+            self._replaced_attention = None
 
     @property
     def capture_seconds(self) -> float:
@@ -324,13 +343,28 @@ class SentimentScorer:
                 hidden = causal_decoder_hidden(self._decoder, input_ids)
             else:
                 hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-            last = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last_positions]
-            logits = last.to(self._label_weight.dtype) @ self._label_weight.t()
-            if self._label_bias is not None:
-                logits = logits + self._label_bias
-            logits = logits.float() * self._logit_scale
-            if self._softcap is not None:
-                logits = self._softcap * torch.tanh(logits / self._softcap)
+            return self._label_logits(hidden[torch.arange(input_ids.shape[0], device=input_ids.device),
+                                             last_positions])
+
+    def _packed_logits_of(self, batch):
+        """[prompts, 2] logits of a packed forward (packed_forward.py) at each prompt's last token."""
+        import torch
+
+        from sentiment_ray.packed_forward import packed_last_hidden
+
+        with torch.inference_mode():
+            return self._label_logits(packed_last_hidden(self._decoder, batch))
+
+    def _label_logits(self, last_hidden):
+        """[rows, 2] float32 logits of (negative, positive) from the final hidden states of the last positions."""
+        import torch
+
+        logits = last_hidden.to(self._label_weight.dtype) @ self._label_weight.t()
+        if self._label_bias is not None:
+            logits = logits + self._label_bias
+        logits = logits.float() * self._logit_scale
+        if self._softcap is not None:
+            logits = self._softcap * torch.tanh(logits / self._softcap)
         return logits
 
     def forward_groups(self, lengths: list[int]) -> list[list[int]]:
@@ -364,11 +398,26 @@ class SentimentScorer:
             return self._compiled.run(self._logits_of, input_ids, last_positions)
         return self._logits_of(input_ids, last_positions)
 
+    def _packed_logits(self, prompts: list[list[int]]):
+        from sentiment_ray.packed_forward import packed_batch
+
+        # The prompt budget as the kernel's bound: every prompt fits it, and one value serves every pack.
+        batch = packed_batch(prompts, self.device, max_length=self.encoder.spec.max_length)
+        if self._compiled is not None and self._compiled.active:
+            return self._compiled.run(self._packed_logits_of, batch)
+        return self._packed_logits_of(batch)
+
     def _margins(self, prompts: list[list[int]]):
         """(logit(positive) - logit(negative) per prompt as a device tensor, prompt order of the tensor's rows)."""
         import torch
 
         lengths = [len(p) for p in prompts]
+        if self.forward_mode in PACKED_FORWARDS:
+            from sentiment_ray.packed_forward import pack_rows
+
+            packs = pack_rows(lengths, self.max_batch_tokens)
+            logits = torch.cat([self._packed_logits([prompts[j] for j in rows]) for rows in packs])
+            return logits[:, 1] - logits[:, 0], [j for rows in packs for j in rows]
         if self.buckets is not None:
             forwards = [(f.rows, f.width, f.padded_rows) for f in self.buckets.plan(lengths)]
         else:

@@ -305,7 +305,7 @@ def test_temperature_and_threshold_come_from_the_adapter(random_adapter, tmp_pat
 def test_the_capturable_decoder_steps_equal_the_decoders_own_forward(random_adapter):
     """What CUDA graph forwards run instead of the decoder's forward (no mask builder): the same hidden states, so
     that a capture records the eager forward's kernels. The GPU tests capture it."""
-    from sentiment_ray.graphed_forward import causal_decoder_hidden, check_capturable_decoder
+    from sentiment_ray.graphed_forward import causal_decoder_hidden, check_plain_causal_decoder
 
     scorer = SentimentScorer.from_adapter(random_adapter, ModelConfig(name_or_path="", backend="hf", dtype="float32"))
     prepared = scorer.preparer.prepare(LONG_AND_SHORT).input_ids
@@ -314,7 +314,7 @@ def test_the_capturable_decoder_steps_equal_the_decoders_own_forward(random_adap
         expected = scorer._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         actual = causal_decoder_hidden(scorer._decoder, input_ids)
     assert input_ids.shape[0] == len(LONG_AND_SHORT) and torch.equal(actual, expected)
-    check_capturable_decoder(scorer._decoder, 512)
+    check_plain_causal_decoder(scorer._decoder, 512)
     scorer._decoder.config.sliding_window = 64
     with pytest.raises(ValueError, match="sliding window of 64 tokens, shorter than prompts of up to 512"):
-        check_capturable_decoder(scorer._decoder, 512)
+        check_plain_causal_decoder(scorer._decoder, 512)

@@ -107,6 +107,19 @@ def test_null_and_empty_text_rows_are_kept_and_marked(adapter_dir, tmp_path):
     assert rows["a"]["status"] == rows["e"]["status"] == "ok"
 
 
+def test_the_job_with_packed_forwards_scores_as_the_eager_job(adapter_dir, reviews_dir, tmp_path):
+    """`forward: packed` through the whole job (config, scoring actor, sink): the eager job's rows and scores."""
+    scored = {}
+    for forward in ("eager", "packed"):
+        out = tmp_path / forward
+        summary = run_scoring(_config(adapter_dir, reviews_dir / "part-1.parquet", out, f"forward={forward}",
+                                      "max_batch_tokens=512"))
+        assert summary.rows_in == summary.rows_out == 300 and summary.status_counts == {"ok": 300}
+        scored[forward] = dict(zip(*pq.read_table(out, columns=["id", "score"]).to_pydict().values()))
+    assert scored["packed"].keys() == scored["eager"].keys()
+    assert [scored["packed"][i] for i in scored["eager"]] == pytest.approx(list(scored["eager"].values()), abs=1e-5)
+
+
 def test_labels_follow_the_adapters_stored_threshold_or_the_one_given(adapter_dir, tmp_path, capsys):
     texts, _ = synthetic_reviews(80, seed=21)
     path = write_reviews(tmp_path / "in.parquet", texts, ids=[f"t{i}" for i in range(80)])

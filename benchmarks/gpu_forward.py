@@ -18,11 +18,16 @@ reported):
                  graph shared by all layers, compiled_forward.py); its compile seconds are reported, in the warm-up
   compiled_graphs  `forward: compiled_graphs`: the static shapes through the compiled layers, each shape replayed
                  from a captured CUDA graph (compile and captures reported together as capture seconds)
+  packed         `forward: packed`: no padding, the prompts of a forward end to end in one row through the
+                 varlen flash kernel, the last layer's MLP on the last tokens only (packed_forward.py)
+  compiled_packed  `forward: compiled_packed`: packed, through the compiled layers
   compiled_decoder  unmasked, the whole decoder under torch.compile(dynamic=True) (§8's try): compile time apart
   liger+X        variant X after Liger's fused RMSNorm, RoPE and SwiGLU kernels are patched in (needs
                  `pip install liger-kernel`; patches the model for good, so liger variants come last)
 `cuda_graphs@W/R` sets the shape steps (width W tokens, R rows; default 64/32). The largest score difference
-from the first variant is reported for each (the scores must agree within 1e-3).
+from the first variant is reported for each (the scores must agree within 1e-3). `--profile V[,V]` records a torch
+profile of one more pass of those variants over the first `--profile-batches` batches and prints where the GPU's
+time went: matmuls, attention, Triton (compiled fusions), other kernels, and idle (wall time no kernel covered).
 """
 
 from __future__ import annotations
@@ -88,6 +93,44 @@ def time_variant(score, batches: list[list[list[int]]]) -> tuple[float, list[flo
     return statistics.median(runs), scores
 
 
+# First match wins: flash attention's kernels are built from CUTLASS templates, so attention is looked for first.
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "cublas")), ("triton", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
+def profile_variant(score, batches, out_file: Path) -> dict:
+    """GPU time per kernel kind over one pass of `batches`, and the share of the wall time no kernel covered."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for batch in batches:
+            score(batch)
+        torch.cuda.synchronize()
+        wall_us = 1e6 * (time.perf_counter() - started)
+    events = profiler.key_averages()
+    # Device-side rows only: an aten op's row repeats its kernels' time (summing all rows counts it twice).
+    on_device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    by_kind: dict[str, float] = {}
+    for event in on_device:
+        kind = kernel_kind(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total
+    busy_us = sum(by_kind.values())
+    summary = {kind: us / wall_us for kind, us in sorted(by_kind.items())}
+    summary["idle"] = max(0.0, 1 - busy_us / wall_us)
+    summary["wall_s"] = wall_us / 1e6
+    out_file.write_text(json.dumps(summary, indent=2) + "\n\n"
+                        + events.table(sort_by="self_device_time_total", row_limit=40))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("smollm2", "mistral7b"), required=True)
@@ -99,6 +142,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--max-batch-tokens", type=int, default=131072)
     parser.add_argument("--variants", default="unmasked,static_shapes,cuda_graphs")
+    parser.add_argument("--profile", default="", help="variants to profile, comma-separated")
+    parser.add_argument("--profile-batches", type=int, default=2)
     args = parser.parse_args()
     import torch
 
@@ -157,6 +202,9 @@ def main() -> None:
                "capture_s": scorer.capture_seconds,
                "shapes": len(scorer._graphs.graphs) if scorer._graphs else None,
                "max_abs_diff_vs_first": float(np.max(np.abs(np.array(scores) - np.array(reference))))}
+        if variant in args.profile.split(","):
+            row["profile"] = profile_variant(score, batches[:args.profile_batches],
+                                             out / f"profile_{args.model}_{variant}.txt")
         report["variants"][variant] = row
         (out / f"gpu_forward_{args.model}.json").write_text(json.dumps(report, indent=2))
         print(f"[bench] {variant}: {row}", flush=True)
@@ -168,6 +216,12 @@ def main() -> None:
         compile_s = f"{row['compile_s']:.1f}" if row["compile_s"] is not None else "-"
         print(f"{name:26}{row['seconds']:9.2f}{row['reviews_per_s']:11.1f}{compile_s:>11}{row['capture_s']:>11.2f}"
               f"{row['shapes'] or '-':>8}{row['max_abs_diff_vs_first']:12.2e}")
+    profiled = {name: row["profile"] for name, row in report["variants"].items() if "profile" in row}
+    if profiled:
+        kinds = sorted({kind for shares in profiled.values() for kind in shares if kind != "wall_s"})
+        print(f"\nshare of wall time, {args.profile_batches} batches: " + "".join(f"{k:>11}" for k in kinds))
+        for name, shares in profiled.items():
+            print(f"{name:26}" + "".join(f"{100 * shares.get(k, 0.0):10.1f}%" for k in kinds))
 
 
 if __name__ == "__main__":

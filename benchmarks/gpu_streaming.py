@@ -12,12 +12,13 @@ tokenizer (`--arch`: config.json + tokenizer files of the embedded model, no wei
 architecture with an IMDB-trained BPE (benchmarks/gpu_common.py); a random r=16 adapter on all seven projections,
 merged into the bf16 base. The IMDB dev reviews are tiled to each size (fresh ids, 16 files). Each size runs the
 product's job (`run_scoring`) end to end; steady = (large - small rows) / (large - small seconds), so start-up
-cancels. Stage busy = the share of the scoring actor's time, from its first batch to its last, spent inside its
-batches (the job's manifest, `score_stage`): how well the read and tokenize stages feed it; each actor's rows and
-the seconds after the pipeline's start of its first and last batch (`score_stage.per_actor`): stagger and
-imbalance. GPU busy = mean of nvidia-smi's utilization.gpu (share of time a kernel ran) over the large run's middle
-80 %. `--old-tree` (a checkout of the work-unit pipeline, commit db147a8) runs the same sizes with the old job in
-a subprocess, in the same call, for a side-by-side figure.
+cancels as far as it is the same in both jobs; steady of the scoring alone = the same over the seconds from the
+first scoring batch to the last, which leaves start-up out. Stage busy = the share of the scoring actor's time, from
+its first batch to its last, spent inside its batches (the job's manifest, `score_stage`): how well the read and
+tokenize stages feed it; each actor's rows and the seconds after the pipeline's start of its first and last batch
+(`score_stage.per_actor`): stagger and imbalance. GPU busy = mean of nvidia-smi's utilization.gpu (share of time a
+kernel ran) over the large run's middle 80 %. `--old-tree` (a checkout of the work-unit pipeline, commit db147a8)
+runs the same sizes with the old job in a subprocess, in the same call, for a side-by-side figure.
 """
 
 from __future__ import annotations
@@ -152,6 +153,20 @@ print("OLD-RESULT " + json.dumps(out))
 """
 
 
+def scoring_span(run: dict) -> float:
+    """Seconds from the first scoring batch's start to the last one's end, over all actors."""
+    actors = run["score_stage"]["per_actor"]
+    return max(a["last_batch_offset"] for a in actors) - min(a["first_batch_offset"] for a in actors)
+
+
+def scoring_steady(small: dict, large: dict) -> float:
+    """Steady reviews/s of the scoring itself: the extra rows over the extra seconds from first to last scoring
+    batch. Unlike `steady` (the jobs' whole seconds) it leaves out the start-up before the first batch (Ray, model
+    load), which varied by up to 6 s between two jobs of one call (docs/BENCHMARKS.md §16): at 7B speeds that
+    moved `steady` by 30 %. Both spans hold the actor's compile, so it cancels as in `steady`."""
+    return (large["rows"] - small["rows"]) / (scoring_span(large) - scoring_span(small))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("smollm2", "mistral7b"), required=True)
@@ -164,7 +179,7 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=131072)
     parser.add_argument("--old-tree", help="a checkout of the work-unit pipeline to run side by side")
     parser.add_argument("--forward", default="eager",
-                        help="ScoreConfig.forward: eager, static_shapes, cuda_graphs, compiled")
+                        help="ScoreConfig.forward (sentiment_ray.config.FORWARD_MODES)")
     parser.add_argument("--warmup-rows", type=int, default=0,
                         help="a job of this many rows before the timed ones (per pool size), reported apart: with "
                              "forward compiled both timed jobs then find inductor's compile cache warm")
@@ -210,6 +225,7 @@ def main() -> None:
                       f"compile/capture {result['score_stage']['capture_seconds']:.1f} s", flush=True)
             small, large = runs[sizes[0]], runs[sizes[-1]]
             report["pools"][pool]["steady"] = (large["rows"] - small["rows"]) / (large["seconds"] - small["seconds"])
+            report["pools"][pool]["steady_scoring"] = scoring_steady(small, large)
     finally:
         sampler.close()
     report["new"] = report["pools"][pools[0]]["runs"]
@@ -252,7 +268,8 @@ def main() -> None:
     for pool in pools:
         steady = report["pools"][pool]["steady"]
         print(f"steady reviews/s, {pool} actor(s): {steady:.1f}"
-              + (f" ({steady / report['new_steady']:.2f}x {pools[0]})" if pool != pools[0] else ""))
+              + (f" ({steady / report['new_steady']:.2f}x {pools[0]})" if pool != pools[0] else "")
+              + f"; of the scoring alone (first to last batch): {report['pools'][pool]['steady_scoring']:.1f}")
     if "old_steady" in report:
         print(f"steady reviews/s, old pipeline: {report['old_steady']:.1f}")
 

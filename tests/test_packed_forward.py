@@ -28,9 +28,11 @@ def test_packed_batch_restarts_positions_and_marks_each_prompts_last_token():
     assert batch.max_length == 16 and packed_batch([[1] * 20], torch.device("cpu"), 16).max_length == 20
 
 
-def test_packed_attention_attends_within_each_prompt_only():
+@pytest.mark.parametrize("masked_pack_tokens", [8192, 4])
+def test_packed_attention_attends_within_each_prompt_only(monkeypatch, masked_pack_tokens):
     """Grouped-query shapes (4 query heads, 2 key/value heads): each prompt's output equals causal SDPA over that
-    prompt alone."""
+    prompt alone, whether the pack is masked as a whole or (beyond MASKED_PACK_TOKENS) attended prompt by prompt."""
+    monkeypatch.setattr(packed_forward, "MASKED_PACK_TOKENS", masked_pack_tokens)
     generator = torch.Generator().manual_seed(0)
     lengths = [5, 1, 7]
     query, key, value = (torch.randn(1, heads, sum(lengths), 8, generator=generator) for heads in (4, 2, 2))

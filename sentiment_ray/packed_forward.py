@@ -91,8 +91,8 @@ def packed_last_hidden(decoder, batch: PackedBatch):
     for layer in layers:
         hidden = layer(hidden, attention_mask=None, use_cache=False, **attention)
     if {name for name, _ in last_layer.named_children()} != PRE_NORM_LAYER:
-        return decoder.norm(last_layer(hidden, attention_mask=None, use_cache=False, **attention)[0,
-                                                                                               batch.last_positions])
+        hidden = last_layer(hidden, attention_mask=None, use_cache=False, **attention)
+        return decoder.norm(hidden[0, batch.last_positions])
     attended, _ = last_layer.self_attn(hidden_states=last_layer.input_layernorm(hidden), attention_mask=None,
                                        **attention)
     hidden = (hidden + attended)[0, batch.last_positions]

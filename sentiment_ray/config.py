@@ -273,7 +273,7 @@ class ScoreConfig:
     # base (hf backend). On one H200 the 7B job's steady rate was 91 reviews/s eager and 185 compiled_packed; SmolLM2's
     # 4,569 compiled_graphs and 3,607 compiled_packed, paced by the tokenizing stage (docs/BENCHMARKS.md §16). Their
     # bf16 scores are not eager's (up to 0.06 apart on a finetuned SmolLM2) but as close to a float32 forward as
-    # eager's are (§14, §16), which is why eager stays the default; the GPU configs choose the fastest.
+    # eager's are (§14, §16), which is why eager stays the default, also in the GPU configs.
     forward: str = "eager"
     pool_size: int = 1  # scoring actors; one per GPU on a GPU cluster
     num_cpus_per_actor: float = 1.0  # per scoring actor

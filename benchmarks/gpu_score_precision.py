@@ -3,9 +3,10 @@
     python benchmarks/gpu_score_precision.py --adapter /tmp/acc_r64/adapter --data .data/imdb/dev.parquet
 
 Scores the reviews with the adapter's base + merged adapter as the score job does (`SentimentScorer`, hf backend):
-float32 eager (the reference), bf16 eager and the bf16 compiled forwards, each at two token budgets (different
-forward shapes), and prints each variant's distance from the reference and from the first of `--forwards` (bf16
-eager by default), its label flips against that one and its accuracy (`compiled_graphs` needs `--device cuda`).
+float32 eager (the reference), bf16 eager and the bf16 compiled and packed forwards, each at two token budgets
+(different forward shapes), and prints each variant's distance from the reference and from the first of `--forwards`
+(bf16 eager by default), its label flips against that one and its accuracy (`compiled_graphs` needs `--device
+cuda`).
 BENCHMARKS §14 quotes it for the finetuned SmolLM2.
 """
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--data", required=True, help="Parquet with text and label (0/1) columns")
     parser.add_argument("--budgets", default="131072,32768", help="max_batch_tokens values, comma-separated")
-    parser.add_argument("--forwards", default="eager,compiled,compiled_graphs",
+    parser.add_argument("--forwards", default="eager,compiled,compiled_graphs,packed,compiled_packed",
                         help="bf16 forward modes to compare (the first is the one the others are compared with)")
     parser.add_argument("--limit", type=int, help="the first N reviews only")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script on a small set")

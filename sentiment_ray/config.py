@@ -270,8 +270,8 @@ class ScoreConfig:
     # no launches; GPU only), `packed` (no padding: the rows of a forward end to end in one row of <= max_batch_tokens
     # tokens, each attending to itself through the varlen flash kernel; packed_forward.py; hf backend, Llama-family
     # models) and `compiled_packed` (packed, through the compiled layers). The compiled modes need an unquantized
-    # base (hf backend). On one H200 the 7B job's steady rate was 91 reviews/s eager and 185 compiled_packed; SmolLM2's
-    # 4,569 compiled_graphs and 3,607 compiled_packed, paced by the tokenizing stage (docs/BENCHMARKS.md §16). Their
+    # base (hf backend). On one H200 the 7B job's steady scoring rate was 97 reviews/s eager and 170 compiled_packed;
+    # SmolLM2's 4,569 compiled_graphs and 3,607 compiled_packed, paced by the tokenizing stage (BENCHMARKS §16). Their
     # bf16 scores are not eager's (up to 0.06 apart on a finetuned SmolLM2) but as close to a float32 forward as
     # eager's are (§14, §16), which is why eager stays the default, also in the GPU configs.
     forward: str = "eager"

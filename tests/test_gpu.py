@@ -164,10 +164,10 @@ def test_compiled_and_packed_forwards_add_no_error_beyond_bf16s_own(small_model)
     """The same 2,000 dev reviews under `forward: compiled` (each decoder layer compiled, one dynamic graph,
     inductor emulating bf16 rounding), and packed without padding through the varlen flash kernel (`packed`,
     `compiled_packed`), measured against a float32 forward of the same model: neither may move the scores further
-    from it than the eager bf16 forward is. Within 1e-3 of eager bf16 they are not: on
-    the finetuned SmolLM2 eager bf16 itself sits up to 0.075 from float32 and compiled bf16 a similar distance, in
-    other directions (docs/BENCHMARKS.md §14). The CPU twins (float32, within 1e-5 of eager) are test_scorer.py's
-and test_packed_forward.py's."""
+    from it than the eager bf16 forward is. Within 1e-3 of eager bf16 they are not: on the finetuned SmolLM2 eager
+    bf16 itself sits up to 0.075 from float32 and compiled bf16 a similar distance, in other directions
+    (docs/BENCHMARKS.md §14, §16). The CPU twins (float32, within 1e-5 of eager) are test_scorer.py's and
+    test_packed_forward.py's."""
     import numpy as np
 
     from sentiment_ray.config import ScoringModelConfig

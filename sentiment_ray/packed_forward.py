@@ -10,9 +10,11 @@ grouped-query attention handled by the kernel). That is what vLLM and Unsloth's 
 goes through transformers' own attention dispatch (`AttentionInterface`), so the decoder layers stay
 transformers' code and can still be compiled (`forward: compiled_packed`).
 
-Without flash attention (CPU, float32) the pack attends through SDPA: with a block-diagonal causal mask over the
-whole pack up to MASKED_PACK_TOKENS tokens, one causal call per prompt beyond (a mask of a 131,072-token pack would
-take 17 GB). Correct everywhere, for tests and CPU scoring; speed comes only from the GPU kernel.
+Without flash attention (CPU, float32) each prompt of the pack attends through its own causal SDPA call: on 2 CPU
+cores, SmolLM2 in batches of 16 with prompts of up to 384 tokens (56 % pad tokens when padded), `packed` ran 1.47x
+eager's forward; with 128-token prompts (3 % padding) 0.97x (docs/BENCHMARKS.md §16). A mask over the whole pack,
+quadratic in it, was slower than eager in a trial. Inside a compiled forward the per-prompt bounds would break the
+graph, so there the pack is masked as a whole, up to MASKED_PACK_TOKENS tokens (a 131,072-token mask: 17 GB).
 
 Measured on an H200 (docs/BENCHMARKS.md §16): the 7B scoring job's steady rate 1.76x eager with `compiled_packed`
 (170 vs 97 reviews/s), its bare forward 1.29x `packed` alone and 1.56x compiled; scores as close to a float32
@@ -24,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ATTENTION_NAME = "sentiment_ray_packed"
-MASKED_PACK_TOKENS = 8192  # the largest pack that the non-flash path masks as a whole (a 64 MiB boolean mask)
+MASKED_PACK_TOKENS = 8192  # the largest pack a compiled non-flash forward masks as a whole (a 64 MiB boolean mask)
 
 
 @dataclass
@@ -121,7 +123,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         return output.unsqueeze(0), None
     tokens = query.shape[2]
     gqa = key.shape[1] != query.shape[1]
-    if tokens > MASKED_PACK_TOKENS:
+    if not torch.compiler.is_compiling() or tokens > MASKED_PACK_TOKENS:
         bounds = cu_seq_lens_q.tolist()
         output = torch.cat([torch.nn.functional.scaled_dot_product_attention(
             query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], is_causal=True, scale=scaling,

@@ -28,11 +28,13 @@ def test_packed_batch_restarts_positions_and_marks_each_prompts_last_token():
     assert batch.max_length == 16 and packed_batch([[1] * 20], torch.device("cpu"), 16).max_length == 20
 
 
-@pytest.mark.parametrize("masked_pack_tokens", [8192, 4])
-def test_packed_attention_attends_within_each_prompt_only(monkeypatch, masked_pack_tokens):
+@pytest.mark.parametrize("compiling, masked_pack_tokens", [(False, 8192), (True, 8192), (True, 4)])
+def test_packed_attention_attends_within_each_prompt_only(monkeypatch, compiling, masked_pack_tokens):
     """Grouped-query shapes (4 query heads, 2 key/value heads): each prompt's output equals causal SDPA over that
-    prompt alone, whether the pack is masked as a whole or (beyond MASKED_PACK_TOKENS) attended prompt by prompt."""
+    prompt alone, whether attended prompt by prompt (eager; compiled beyond MASKED_PACK_TOKENS) or masked as a whole
+    (compiled)."""
     monkeypatch.setattr(packed_forward, "MASKED_PACK_TOKENS", masked_pack_tokens)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     generator = torch.Generator().manual_seed(0)
     lengths = [5, 1, 7]
     query, key, value = (torch.randn(1, heads, sum(lengths), 8, generator=generator) for heads in (4, 2, 2))

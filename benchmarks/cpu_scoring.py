@@ -40,7 +40,7 @@ def ray_job(adapter: str, input_file: Path, out: Path, batch_size: int, threads:
     cfg = ScoreConfig(input=str(input_file), output=str(out), adapter=adapter, batch_size=batch_size, pool_size=1,
                       num_cpus_per_actor=threads,
                       model=ScoringModelConfig(backend="hf", dtype="bfloat16", merge_adapter=merge))
-    return run_scoring(cfg)["rows_per_second"]
+    return run_scoring(cfg).rows_per_second
 
 
 def main() -> None:

@@ -393,19 +393,21 @@ class SentimentScorer:
                                ", through the compiled layers" if self._compiled is not None else "")
         return self._run_logits(input_ids, last)[:len(prompts)]
 
-    def _run_logits(self, input_ids, last_positions):
+    def _through_layers(self, forward: Callable, *args):
+        """`forward(*args)`, through the compiled layers' bookkeeping while they are compiled."""
         if self._compiled is not None and self._compiled.active:
-            return self._compiled.run(self._logits_of, input_ids, last_positions)
-        return self._logits_of(input_ids, last_positions)
+            return self._compiled.run(forward, *args)
+        return forward(*args)
+
+    def _run_logits(self, input_ids, last_positions):
+        return self._through_layers(self._logits_of, input_ids, last_positions)
 
     def _packed_logits(self, prompts: list[list[int]]):
         from sentiment_ray.packed_forward import packed_batch
 
         # The prompt budget as the kernel's bound: every prompt fits it, and one value serves every pack.
-        batch = packed_batch(prompts, self.device, max_length=self.encoder.spec.max_length)
-        if self._compiled is not None and self._compiled.active:
-            return self._compiled.run(self._packed_logits_of, batch)
-        return self._packed_logits_of(batch)
+        return self._through_layers(self._packed_logits_of,
+                                    packed_batch(prompts, self.device, max_length=self.encoder.spec.max_length))
 
     def _margins(self, prompts: list[list[int]]):
         """(logit(positive) - logit(negative) per prompt as a device tensor, prompt order of the tensor's rows)."""

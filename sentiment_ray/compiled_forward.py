@@ -12,7 +12,8 @@ the weights), so the length-sorted eager groups run as they are: no padding to b
 new width or row count (a single-row forward gets its own graph: torch specializes sizes of 1). Inductor's
 `emulate_precision_casts` rounds intermediates to the model's dtype where eager does, so bf16 scores stay close
 to eager ones. Compile seconds are counted (the ledger's capture_seconds) and inductor caches the compiled graph
-on disk, so a restarted actor on the same node loads it.
+on disk in the product's cache folder (compile_cache.py), so a later job or a restarted actor on the same node
+loads it instead of compiling; the log line of each compile says whether that cache was hit.
 
 Measured on an H200 (docs/BENCHMARKS.md §14): one graph, 7-11 s to compile cold; SmolLM2's bare forward 2.18x
 eager and the job's steady rate 1.52x; the 7B's 1.23x and 1.25x. The compiled forward is still bound by the
@@ -52,6 +53,11 @@ class CompiledDecoderLayers:
         if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
             raise ValueError(f"forward=compiled needs a decoder with a `layers` list; {type(decoder).__name__} "
                              "has none")
+        from sentiment_ray.compile_cache import compile_cache_counts, use_compile_cache
+
+        self.cache_folder = use_compile_cache(next(decoder.parameters()).device)
+        self._cache_counts = compile_cache_counts
+        self._cache_at_start = compile_cache_counts()
         inductor_config.emulate_precision_casts = True
         # Dynamo gives sizes equal at the first call one symbol ("duck shaping"), and compiles again when they
         # differ later: a 64-row forward of width 64 would cost a second graph. One symbol per size instead.
@@ -67,6 +73,7 @@ class CompiledDecoderLayers:
         import torch
 
         before = _graphs_compiled()
+        cache_before = self._cache_counts()
         started = time.perf_counter()
         try:
             result = forward(*args)
@@ -86,9 +93,15 @@ class CompiledDecoderLayers:
             seconds = time.perf_counter() - started
             self.graphs += new
             self.compile_seconds += seconds
-            logger.info("compiled %d graph(s) of the decoder layer in %.1f s (%d graphs, %.1f s in all)", new,
-                        seconds, self.graphs, self.compile_seconds)
+            logger.info("compiled %d graph(s) of the decoder layer in %.1f s (%d graphs, %.1f s in all): compile %s, "
+                        "%s", new, seconds, self.graphs, self.compile_seconds,
+                        self._cache_counts().since(cache_before).describe(), self.cache_folder)
         return result
+
+    @property
+    def cache_counts(self):
+        """CompileCacheCounts of this decoder's compiles so far: hits mean a warm start."""
+        return self._cache_counts().since(self._cache_at_start)
 
     def uncompile(self) -> None:
         # nn.Module.compile keeps the compiled call beside the module's own; clearing it restores eager.

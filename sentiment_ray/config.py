@@ -28,6 +28,11 @@ GRAPHED_FORWARDS = ("cuda_graphs", "compiled_graphs")
 COMPILED_FORWARDS = ("compiled", "compiled_graphs", "compiled_packed")
 PACKED_FORWARDS = ("packed", "compiled_packed")
 BUDGETED_FORWARDS = SHAPED_FORWARDS + PACKED_FORWARDS  # their forwards are cut from max_batch_tokens
+
+
+class ForwardUnavailable(ValueError):
+    """A forward mode that cannot run where the model is (no CUDA device, an unsupported architecture): the scorer
+    says so in one log line and scores with the eager forward instead (SentimentScorer.__init__)."""
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sentiment_ray.config import ForwardUnavailable
+
 ATTENTION_NAME = "sentiment_ray_packed"
 MASKED_PACK_TOKENS = 8192  # the largest pack a compiled non-flash forward masks as a whole (a 64 MiB boolean mask)
 
@@ -145,7 +147,7 @@ def check_packable(decoder, forward: str = "packed") -> None:
     for module in (layer, getattr(layer, "self_attn", None)):
         owner = getattr(getattr(module, "forward", None), "__module__", None) or "?"
         if not owner.startswith("transformers."):
-            raise ValueError(f"forward={forward} runs transformers' own decoder layers; this model's "
+            raise ForwardUnavailable(f"forward={forward} runs transformers' own decoder layers; this model's "
                              f"{type(module).__name__}.forward comes from {owner} (model.backend: hf, not unsloth)")
 
 

@@ -33,6 +33,7 @@ from sentiment_ray.config import (
     GRAPHED_FORWARDS,
     PACKED_FORWARDS,
     SHAPED_FORWARDS,
+    ForwardUnavailable,
     ModelConfig,
 )
 from sentiment_ray.data import utf8_problem
@@ -217,7 +218,12 @@ class SentimentScorer:
         self._graphs = None
         self._compiled = None
         self._replaced_attention = None  # the decoder's attention implementation while packed forwards replace it
-        self.use_forward(forward)
+        self.requested_forward = forward
+        try:
+            self.use_forward(forward)
+        except ForwardUnavailable as exc:  # the configs name the fastest forward; where it cannot run, eager does
+            logger.warning("forward=%s cannot run here (%s); scoring with the eager forward", forward, exc)
+            self.use_forward("eager")
 
     def use_forward(self, forward: str, buckets: ShapeBuckets | None = None) -> None:
         """How forwards run from now on (ScoreConfig.forward); in place, so that one loaded model can serve
@@ -227,7 +233,7 @@ class SentimentScorer:
         if forward in BUDGETED_FORWARDS and not self.max_batch_tokens:
             raise ValueError(f"forward={forward} needs max_batch_tokens: its forwards are cut from the token budget")
         if forward in GRAPHED_FORWARDS and self.device.type != "cuda":
-            raise ValueError(f"forward={forward} needs the model on a CUDA device; it is on {self.device}")
+            raise ForwardUnavailable(f"forward={forward} needs the model on a CUDA device; it is on {self.device}")
         if forward in GRAPHED_FORWARDS + PACKED_FORWARDS:
             from sentiment_ray.graphed_forward import check_plain_causal_decoder
 
@@ -252,7 +258,8 @@ class SentimentScorer:
 
             # compiled_graphs: the compiled layers' kernels captured per shape, so that a replay launches none
             # of them from Python (the compiled forward alone was bound by its launching thread, BENCHMARKS §14).
-            self._graphs = CudaGraphForward(self._run_logits, self.device)
+            self._graphs = CudaGraphForward(self._run_logits, self.device, self._compile_seconds)
+        self.warm_up()
 
     def _set_packed_attention(self, packed: bool) -> None:
         from sentiment_ray import packed_forward
@@ -263,11 +270,36 @@ class SentimentScorer:
             packed_forward.restore_attention(self._decoder, self._replaced_attention)
             self._replaced_attention = None
 
+    def warm_up(self) -> None:
+        """Compile now what the first batch would compile (compiled forwards), with two dummy prompts: the scoring
+        actor does it as it loads, while the read and tokenizing stages start, so the compile no longer holds its
+        first batch up (and on a machine that has run the same model, it loads from the compile cache:
+        compile_cache.py). CUDA graphs are still captured per shape as the shapes occur."""
+        if self._compiled is None:
+            return
+        # Two prompts, then one: torch specializes a size of 1, and a batch's last forward or pack may hold a
+        # single prompt. Graphed forwards pad to fixed row counts, never one.
+        for prompts in ([[self.pad_id] * 24, [self.pad_id] * 40], [[self.pad_id] * 24]):
+            if self.forward_mode in PACKED_FORWARDS:
+                self._packed_logits(prompts)
+            elif self.buckets is not None:
+                self._run_logits(*self._padded(prompts, width=64, rows=self.buckets.row_step))
+                return
+            else:
+                self._run_logits(*self._padded(prompts))
+
+    @property
+    def compile_cache(self):
+        """CompileCacheCounts of the compiled layers (None when nothing is compiled)."""
+        return self._compiled.cache_counts if self._compiled is not None else None
+
     @property
     def capture_seconds(self) -> float:
         """Seconds spent capturing CUDA graphs or compiling so far (0 with forward eager or static_shapes)."""
-        if self._graphs:
-            return self._graphs.capture_seconds
+        captures = self._graphs.capture_seconds if self._graphs else 0.0
+        return captures + self._compile_seconds()
+
+    def _compile_seconds(self) -> float:
         return self._compiled.compile_seconds if self._compiled else 0.0
 
     # ---------------------------------------------------------------------------------- construction

@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sentiment_ray.config import ConfigError, ModelConfig, ScoreConfig, ScoringModelConfig
+from sentiment_ray.config import ConfigError, ForwardUnavailable, ModelConfig, ScoreConfig, ScoringModelConfig
 from sentiment_ray.forward_shapes import ShapeBuckets
 from sentiment_ray.metadata import AdapterError
 from sentiment_ray.scorer import STATUS_EMPTY, STATUS_OK, SentimentScorer
@@ -212,21 +212,26 @@ def test_compiled_decoder_layers_score_as_eager_with_one_graph_for_every_layer_a
     # One dynamic graph serves every layer and shape (plus one for a single-row forward, if any: torch
     # specializes sizes of 1); a later batch of new shapes compiles nothing.
     graphs, seconds = compiled._compiled.graphs, compiled.capture_seconds
-    assert graphs <= 1 + any(len(g) == 1 for g in groups)
+    assert graphs <= 2  # compiled by the warm-up as the scorer loaded: for any rows, and for a single row
     assert compiled.score_texts(texts[3:12]).scores == pytest.approx(expected.scores[3:12], abs=1e-5)
     assert (compiled._compiled.graphs, compiled.capture_seconds) == (graphs, seconds)
 
 
-def test_a_compiler_that_fails_before_anything_compiled_leaves_the_eager_forward(random_adapter, caplog):
+def test_a_compiler_that_fails_before_anything_compiled_leaves_the_eager_forward(random_adapter, caplog,
+                                                                                 monkeypatch):
     model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
     eager = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="eager")
-    compiled = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="compiled")
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C compiler found")
 
-    compiled._compiled.layers[0]._compiled_call_impl = no_compiler  # what a failing inductor build raises through
+    def failing_compile(module, *args, **kwargs):
+        module._compiled_call_impl = no_compiler  # what a failing inductor build raises through
+
+    monkeypatch.setattr(torch.nn.Module, "compile", failing_compile)
     with caplog.at_level("WARNING", logger="sentiment_ray.compiled_forward"):
+        # the warm-up compile, as the scorer loads, is where it fails
+        compiled = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=128, forward="compiled")
         scores = compiled.score_texts(LONG_AND_SHORT).scores
     assert scores == eager.score_texts(LONG_AND_SHORT).scores
     assert not compiled._compiled.active and compiled.capture_seconds == 0.0
@@ -244,9 +249,11 @@ def test_compiled_layers_on_static_shapes_score_as_eager(random_adapter):
     compiled.buckets = ShapeBuckets(256, width_step=16, row_step=4)
     forwards = compiled.buckets.plan([len(p) for p in compiled.preparer.prepare(LONG_AND_SHORT).input_ids])
     assert any(f.padded_rows > len(f.rows) for f in forwards) and len({f.shape for f in forwards}) >= 2
+    warmed_up = compiled._compiled.graphs  # the scorer's warm-up: one dynamic graph, one for a single row
+    assert warmed_up <= 2
     assert compiled.score_texts(LONG_AND_SHORT).scores == pytest.approx(eager.score_texts(LONG_AND_SHORT).scores,
                                                                         abs=1e-5)
-    assert compiled._compiled.graphs == 1
+    assert compiled._compiled.graphs == warmed_up  # every shape of the batch ran through the warmed-up graphs
 
 
 def test_use_forward_switches_a_loaded_scorer_in_place(random_adapter):
@@ -271,15 +278,26 @@ def test_compiled_forwards_are_refused_for_quantized_or_unsloth_bases(forward):
                         model=ScoringModelConfig(**model)).validate()
 
 
-def test_forward_is_eager_by_default_and_graphs_need_cuda(random_adapter):
+def test_forward_is_eager_by_default_and_graphs_without_cuda_fall_back_to_eager_in_one_line(random_adapter, caplog):
     model = ModelConfig(name_or_path="", backend="hf", dtype="float32")
-    assert SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512).forward_mode == "eager"
+    eager = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512)
+    assert eager.forward_mode == "eager"
     with pytest.raises(ValueError, match="forward must be one of"):
         SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward="jit")
+    expected = eager.score_texts(LONG_AND_SHORT).scores
     for graphed in ("cuda_graphs", "compiled_graphs"):
-        with pytest.raises(ValueError, match=f"forward={graphed} needs the model on a CUDA device; it is on cpu"):
-            SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward=graphed)
-    with pytest.raises(ValueError, match="needs max_batch_tokens"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sentiment_ray.scorer"):
+            scorer = SentimentScorer.from_adapter(random_adapter, model, max_batch_tokens=512, forward=graphed)
+        # a GPU config's forward on a CPU actor: the job goes on, eager, and says why in one line
+        assert (scorer.forward_mode, scorer.requested_forward, scorer._compiled) == ("eager", graphed, None)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"forward={graphed} cannot run here (forward={graphed} needs the model on a CUDA device; it is on cpu); "
+            "scoring with the eager forward"]
+        assert scorer.score_texts(LONG_AND_SHORT).scores == expected
+        with pytest.raises(ForwardUnavailable, match=f"forward={graphed} needs the model on a CUDA device"):
+            scorer.use_forward(graphed)  # switching by hand stays strict
+    with pytest.raises(ValueError, match="needs max_batch_tokens"):  # a config error is not a fallback
         SentimentScorer.from_adapter(random_adapter, model, forward="static_shapes")
 
 

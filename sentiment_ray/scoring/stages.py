@@ -181,6 +181,10 @@ class ActorActivity:
     busy_seconds: float
     first_batch_offset: float
     last_batch_offset: float
+    ready_offset: float | None = None  # the actor's model loaded (and compiled): its constructor done
+    load_seconds: float | None = None  # of which loading the model and adapter (and the warm-up compile)
+    forward: str | None = None  # the forward it ran: the config's, or eager where that one could not run here
+    compile_cache: str | None = None  # whether its compile was loaded from the compile cache (compile_cache.py)
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,9 @@ class StageActivity:
     busy_seconds: float
     active_seconds: float
     busy_fraction: float | None
-    capture_seconds: float = 0.0  # CUDA graph captures or compiles (ScoreConfig.forward), summed over actors; in busy
+    # CUDA graph captures or compiles inside the actors' batches (ScoreConfig.forward), summed over actors; part of
+    # busy. The warm-up compile as an actor loads is not: it is in its load_seconds (per_actor).
+    capture_seconds: float = 0.0
     per_actor: list[ActorActivity] = field(default_factory=list)  # by first batch
 
     @classmethod
@@ -224,6 +230,12 @@ class RunLedger:
         self.commits = UnitCommits(left)
         self.finished: set[tuple[int, int]] = set()  # a batch finished twice (its actor died after) counts once
         self.rows_finished = 0
+        self.ready: dict[str, dict] = {}  # per scoring actor: when its model was loaded, the forward it runs
+
+    def actor_ready(self, actor: str, wall_ready: float, load_seconds: float, forward: str,
+                    compile_cache: str | None) -> None:
+        self.ready[actor] = {"wall_ready": wall_ready, "load_seconds": round(load_seconds, 3), "forward": forward,
+                             "compile_cache": compile_cache}
 
     def begin(self, key: tuple[int, int]) -> int:
         self.open[key] = self.open.get(key, 0) + 1
@@ -257,11 +269,23 @@ class RunLedger:
         busy = sum(s.busy for s in self.actors.values())
         active = sum(s.wall_last - s.wall_first for s in self.actors.values())
         per_actor = sorted((ActorActivity(name, s.batches, s.rows, round(s.busy, 3),
-                                          round(s.wall_first - self.created, 3), round(s.wall_last - self.created, 3))
+                                          round(s.wall_first - self.created, 3), round(s.wall_last - self.created, 3),
+                                          **self._readiness(name))
                             for name, s in self.actors.items()), key=lambda a: a.first_batch_offset)
         return StageActivity(len(self.actors), self.batches, round(busy, 3), round(active, 3),
                              round(busy / active, 4) if active else None,
                              round(sum(s.capture for s in self.actors.values()), 3), per_actor)
+
+    def _readiness(self, actor: str) -> dict:
+        ready = self.ready.get(actor)
+        if ready is None:
+            return {}
+        return {"ready_offset": round(ready["wall_ready"] - self.created, 3), "load_seconds": ready["load_seconds"],
+                "forward": ready["forward"], "compile_cache": ready["compile_cache"]}
+
+    def milestones(self) -> tuple[float, float | None]:
+        """(the pipeline's start, the first scoring actor's model loaded), by the wall clock."""
+        return self.created, min((r["wall_ready"] for r in self.ready.values()), default=None)
 
 
 @dataclass
@@ -329,12 +353,20 @@ class ScoreStage:
         if torch_threads and not torch.cuda.is_available():
             torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the reserved CPUs; say it explicitly
         loading = time.perf_counter()
+        # Loading includes the warm-up compile of compiled forwards (SentimentScorer.warm_up): Ray Data starts this
+        # actor with the pipeline, so the load and compile run while the read and tokenizing stages fill its queue.
         self.scorer = SentimentScorer.load(adapter, ScoringModelConfig(**model), PromptSpec.from_dict(prompt),
                                            max_batch_tokens, weights_sha256=weights_sha256, forward=forward)
-        logger.info("scoring actor pid %d: %s loaded on %s in %.1f s", os.getpid(), self.scorer.identity,
-                    self.scorer.device, time.perf_counter() - loading)
+        load_seconds = time.perf_counter() - loading
+        cache = self.scorer.compile_cache
+        logger.info("scoring actor pid %d: %s loaded on %s in %.1f s, forward %s%s", os.getpid(),
+                    self.scorer.identity, self.scorer.device, load_seconds, self.scorer.forward_mode,
+                    f", compile {cache.describe()}" if cache else "")
         self.ledger = ray.get_actor(ledger_name(run_id))
         self.actor_name = f"{ray.get_runtime_context().get_node_id()[:12]}-{os.getpid()}"
+        self.ledger.actor_ready.remote(self.actor_name, time.time(), load_seconds, self.scorer.forward_mode,
+                                       cache.describe() if cache else None)
+        self.capture_at_ready = self.scorer.capture_seconds  # the warm-up's compile, which no batch waited for
         self.files, self.unit_files = files, unit_files  # to name the rows of a batch that keeps killing its actor
         self.faults = FaultPlan(**(faults or {}))
         self.threshold = threshold
@@ -377,7 +409,8 @@ class ScoreStage:
         out = out.append_column("adapter", pa.array([self.scorer.identity] * batch.num_rows, pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
         ended = time.perf_counter()
-        self.ledger.end.remote(key, self.actor_name, started, ended, self.scorer.capture_seconds, rows=batch.num_rows,
+        self.ledger.end.remote(key, self.actor_name, started, ended,
+                               self.scorer.capture_seconds - self.capture_at_ready, rows=batch.num_rows,
                                wall_ended=time.time())
         self.metrics.record_batch(statuses, started, ended)
         logger.debug("scored a batch of %d rows (unit %d, rows from %d) in %.2f s", batch.num_rows, key[0], key[1],

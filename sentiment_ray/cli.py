@@ -22,6 +22,10 @@ from sentiment_ray.labels import LabelError
 from sentiment_ray.logging_setup import configure_logging, level_from_env
 from sentiment_ray.metadata import AdapterError
 from sentiment_ray.prompt import PromptError
+from sentiment_ray.signals import Terminated, sigterm_as_interrupt
+from sentiment_ray.storage import OutputWriteError
+
+logger = logging.getLogger(__name__)
 
 # OutputExistsError (an output that exists, is not ours, overlaps an input, is locked or unwritable) is a
 # FileExistsError.
@@ -107,7 +111,7 @@ def cmd_finetune(args) -> int:
 def cmd_score(args) -> int:
     from sentiment_ray.scoring import run_scoring
 
-    summary = run_scoring(job_config(args)).to_dict()
+    summary = run_scoring(job_config(args), started_at=_process_started()).to_dict()
     keys = ("output", "rows_in", "rows_out", "rows_scored", "rows_marked", "rows_skipped", "status_counts",
             "files_skipped", "units", "rows_scored_this_run", "rows_per_second")
     # The command's result, on stdout on purpose (not a log line): scripts read it, -q does not hide it.
@@ -125,6 +129,9 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("evaluate needs --scored (a scored folder) or --input (a labeled file to score)")
     if not labels:
         raise ConfigError("evaluate needs --labels (Parquet with the true labels) to go with --scored")
+    if scored is not None and args.adapter:  # --adapter scores --input first; scored rows would silently ignore it
+        raise ConfigError("evaluate takes --adapter only with --input (to score a labeled file first); --scored "
+                          "rows are already scored: drop --adapter, or pass --input instead of --scored")
     score_cfg = None
     if scored is None:
         # Score the labeled file first, into <output>/scored, then evaluate that.
@@ -151,6 +158,8 @@ def cmd_predict(args) -> int:
 
     if not args.adapter and not args.zero_shot:
         raise ConfigError("predict needs --adapter DIR (or --zero-shot to use the base model alone)")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # as score refuses it (config.py)
+        raise ConfigError(f"--threshold must be in [0, 1] (a score >= it is positive), got {args.threshold}")
     model = ModelConfig(name_or_path=args.base_model or "")
     # The predictions are the command's result: one line each on stdout, on purpose (not log lines).
     for p in predict(args.texts, args.adapter, model=model, threshold=args.threshold):
@@ -314,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_ENVIRONMENT = 1  # the disk, a quota or a store refused a write: not the user's input, nor a bug
 
 
 def _interrupted_hint(args) -> str:
@@ -326,6 +337,17 @@ def _interrupted_hint(args) -> str:
     return ""
 
 
+def _process_started() -> float | None:
+    """When this process started (the command's start, which the score manifest's timeline counts from): the
+    interpreter's start-up and imports included. None where psutil cannot tell."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a timeline from the call instead is still a timeline
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -334,13 +356,22 @@ def main(argv: list[str] | None = None) -> int:
         # The flag wins over the environment variable; a bad variable is a user error like a bad config value.
         args.log_level = args.log_level if args.log_level is not None else level_from_env()
         configure_logging(args.log_level)
-        return args.func(args)
+        with sigterm_as_interrupt():  # KubeRay and `ray job stop` send SIGTERM: ends as Ctrl-C does
+            return args.func(args)
     # These two lines are the command's own report of how it ended (a fixed one-line form that scripts and tests
     # read), so they are plain writes to stderr rather than log records: no timestamp, and -q does not hide them.
     except USER_ERRORS as exc:
         print(f"sentiment-ray {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except OutputWriteError as exc:
+        logger.debug("the write that failed", exc_info=True)  # its traceback, for -v
+        print(f"sentiment-ray {args.command}: error: {one_line(exc)}{_interrupted_hint(args)}",
+              file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            print(f"sentiment-ray {args.command}: terminated (SIGTERM){_interrupted_hint(args)}", file=sys.stderr)
+            return EXIT_TERMINATED
         print(f"sentiment-ray {args.command}: interrupted{_interrupted_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from pathlib import Path
@@ -29,15 +30,16 @@ def resolve_parquet_files(pattern: str) -> list[str]:
     (the convention of pyarrow datasets): an earlier output's manifest and plan, this tool's hidden temporary
     files and staging folders are never read as reviews. A glob gives the `.parquet` files and the folders it matches,
     the same names skipped unless the pattern spells them out (`_*.parquet`, `.cache/*.parquet`); a plain path
-    names its file whatever its suffix."""
-    if is_uri(pattern):
-        return _resolve_uri(pattern)
-    expanded = os.path.expanduser(pattern)
+    names its file whatever its suffix. A path that exists is read as itself whatever characters its name holds;
+    only one that does not exist is a pattern (input_matches)."""
+    if is_uri(pattern) and not is_pattern(pattern):
+        return _resolve_uri(pattern)  # file:// inputs stay file:// URIs
+    expanded = os.path.expanduser(_local_part(pattern))
     if os.path.isdir(expanded):
         files = _folder_parquet_files(expanded)
-    elif glob.has_magic(expanded):
+    elif is_pattern(pattern):
         files = []
-        for match in sorted(glob.glob(expanded, recursive=True)):
+        for match in input_matches(pattern):
             if not _spelled_out(expanded, match):
                 continue
             if os.path.isdir(match):
@@ -50,6 +52,58 @@ def resolve_parquet_files(pattern: str) -> list[str]:
     if not files:
         raise InputError(f"no Parquet files match {pattern!r}")
     return files
+
+
+def _local_part(given: str) -> str:
+    """A local path as given, or the path of a file:// URI."""
+    if given.lower().startswith("file://"):
+        from sentiment_ray.storage import location
+
+        return location(given).path
+    return given
+
+
+def is_pattern(given: str) -> bool:
+    """True for a local input to expand as a glob: it holds `*`, `?` or `[` and no file or folder has that name.
+    Paths are read as they are: `reviews [2024].parquet` that exists is that file, not a pattern matching
+    `reviews 2.parquet`."""
+    if is_uri(given) and not given.lower().startswith("file://"):
+        return False  # object-store inputs are files or folders, never patterns
+    expanded = os.path.expanduser(_local_part(given))
+    return glob.has_magic(expanded) and not os.path.lexists(expanded)
+
+
+def input_matches(given: str) -> list[str]:
+    """What one local input argument names before any folder in it is walked: the path itself when it exists
+    (whatever characters its name holds), else the sorted matches of it as a glob pattern (`**` recursive).
+    The reading (resolve_parquet_files) and the output checks (sentiment_ray.outputs) both use this, so they
+    never disagree on what an input is."""
+    expanded = os.path.expanduser(_local_part(given))
+    if not is_pattern(given):
+        return [expanded]
+    return sorted(glob.glob(expanded, recursive=True))
+
+
+def pattern_could_match(pattern: str, path: str) -> bool:
+    """True when the input pattern `pattern` matches `path` (absolute), a folder holding it, or something below
+    it: an output there would be read as input by the next run with the same arguments (a resume, a rerun)."""
+    if not is_pattern(pattern):
+        return False
+    parts = Path(os.path.abspath(os.path.expanduser(_local_part(pattern)))).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    prefix = Path(*parts[:fixed]).resolve()  # symlinks followed as the output's path has them followed
+    return _could_match(prefix.parts + parts[fixed:], Path(path).parts)
+
+
+def _could_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    if not pattern or not parts:
+        # The pattern ends at the path or at a folder holding it (a matched folder is read whole), or the path
+        # ends first and the rest of the pattern could match inside it.
+        return True
+    head = pattern[0]
+    if head == "**":
+        return _could_match(pattern[1:], parts) or _could_match(pattern, parts[1:])
+    return fnmatch.fnmatchcase(parts[0], head) and _could_match(pattern[1:], parts[1:])
 
 
 def _is_data_name(name: str) -> bool:
@@ -101,6 +155,50 @@ def open_parquet(path: str) -> pq.ParquetFile:
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (pyarrow's span several)."""
     return " ".join(str(exc).split())
+
+
+QUOTED_CHARS = 100  # a value quoted in a message: a 100 KB id must not make a 500 KB error line
+
+
+def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
+    """`repr(value)` cut to about `limit` characters, saying how long it was."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def quoted_list(values: list) -> str:
+    """A list of values for a message, each cut as `quoted` cuts it."""
+    return "[" + ", ".join(quoted(v) for v in values) + "]"
+
+
+def join_key(value: object) -> str:
+    """An id as it is joined and checked for duplicates: `1` and `"1"` are one id (files written by different
+    tools often disagree on the type), so the duplicate check and the join can never disagree."""
+    return value if isinstance(value, str) else str(value)
+
+
+def duplicate_ids(ids: list, sources: list[str] | None = None) -> list[str]:
+    """Each id seen more than once, compared by join_key, in the order found, described for a message: the value,
+    or the two values and their files where they differ in type or file (`1 in a.parquet and '1' in b.parquet`)."""
+    first: dict[str, int] = {}
+    found: dict[str, str] = {}
+    for row, value in enumerate(ids):
+        key = join_key(value)
+        if key not in first:
+            first[key] = row
+            continue
+        if key in found:
+            continue
+        earlier = first[key]
+        where = (sources[earlier], sources[row]) if sources else (None, None)
+        if ids[earlier] == value and type(ids[earlier]) is type(value) and where[0] == where[1]:
+            found[key] = quoted(value)
+        else:
+            found[key] = (f"{quoted(ids[earlier])}{f' in {where[0]}' if where[0] else ''} and "
+                          f"{quoted(value)}{f' in {where[1]}' if where[1] else ''}")
+    return list(found.values())
 
 
 def read_checked(path: str, columns: dict[str, str], all_columns: bool = False, strings_only: bool = True) -> pa.Table:

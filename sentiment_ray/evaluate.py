@@ -1,10 +1,16 @@
 """Evaluate a scored Parquet folder against ground-truth labels: metrics.json (accuracy, F1, ROC AUC, calibration:
-ECE and Brier, the best thresholds) plus four plots: confusion matrix, score histogram, reliability diagram, ROC."""
+ECE and Brier, the best thresholds) plus four plots: confusion matrix, score histogram, reliability diagram, ROC.
+
+They are written as the other commands write: into a hidden staging folder beside the output, renamed into place
+when complete (sentiment_ray/outputs.py), so a full disk or a crash leaves nothing under the final name and
+nothing that blocks a rerun. metrics.json lists every file of the output (`files_written`): all that a later
+`--overwrite` may delete."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -15,10 +21,20 @@ import pyarrow.compute as pc
 
 from sentiment_ray.calibration import ECE_BINS, calibration_report, reliability_bins
 from sentiment_ray.config import ConfigError
-from sentiment_ray.data import InputError, column_values, one_line, read_checked, resolve_parquet_files
+from sentiment_ray.data import (
+    InputError,
+    column_values,
+    duplicate_ids,
+    join_key,
+    one_line,
+    quoted_list,
+    read_checked,
+    resolve_parquet_files,
+)
 from sentiment_ray.labels import CLASS_NAMES, normalize_labels
-from sentiment_ray.outputs import check_output_location_free, refuse_overlap, upload_output
-from sentiment_ray.storage import Location, location
+from sentiment_ray.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
+from sentiment_ray.ownership import record_files, walk
+from sentiment_ray.storage import Location, StorageError, location
 
 METRICS_FILE = "metrics.json"  # also marks a folder as an evaluation output that --overwrite may replace
 CONFUSION_PLOT = "confusion_matrix.png"
@@ -26,6 +42,7 @@ HISTOGRAM_PLOT = "score_histogram.png"
 RELIABILITY_PLOT = "reliability.png"
 ROC_PLOT = "roc_curve.png"
 SCORED_DIR = "scored"  # where `evaluate --input` scores into, inside its output folder
+PLOTS = (CONFUSION_PLOT, HISTOGRAM_PLOT, RELIABILITY_PLOT, ROC_PLOT)
 IDS_SHOWN = 5  # ids quoted in an error; the count says how many there are
 
 
@@ -71,9 +88,10 @@ def _null_rows(values: list) -> list[int]:
     return [row for row, value in enumerate(values) if value is None]
 
 
-def _load_labels(labels_path, id_column: str, label_column: str) -> tuple[list, list[int]]:
+def _load_labels(labels_path, id_column: str, label_column: str) -> tuple[list, list[int], list[str]]:
     ids: list = []
     labels: list[int] = []
+    sources: list[str] = []  # each id's file, for the duplicate check's message
     for f in resolve_parquet_files(str(labels_path)):
         table = read_checked(f, {id_column: "id", label_column: "label"}, strings_only=False)
         file_ids = column_values(table, id_column, f)
@@ -84,16 +102,8 @@ def _load_labels(labels_path, id_column: str, label_column: str) -> tuple[list, 
         labels += normalize_labels(column_values(table, label_column, f),
                                    where=f"{f}: column {label_column!r}", ids=file_ids)
         ids += file_ids
-    return ids, labels
-
-
-def _duplicates(values: list) -> list:
-    seen, dups = set(), {}
-    for v in values:
-        if v in seen:
-            dups[v] = None  # a dict keeps the order in which duplicates were found
-        seen.add(v)
-    return list(dups)
+        sources += [f] * len(file_ids)
+    return ids, labels, sources
 
 
 def join_with_labels(scored: pa.Table, labels_path, id_column: str = "id", label_column: str = "label",
@@ -112,18 +122,17 @@ def join_with_labels(scored: pa.Table, labels_path, id_column: str = "id", label
     if nulls:
         raise InputError(f"{scored_name}: column {id_column!r} is null in {len(nulls)} row(s), e.g. rows "
                          f"{nulls[:IDS_SHOWN]}; every scored row needs an id to be matched with its label")
-    label_ids, label_values = _load_labels(labels_path, id_column, label_column)
+    label_ids, label_values, label_sources = _load_labels(labels_path, id_column, label_column)
 
-    for side, values in ((scored_name, scored_ids), (f"labels {labels_path}", label_ids)):
-        dups = _duplicates(values)
+    # Compared as they are joined (data.join_key: 1 and "1" are one id), so ids that differ only in type across
+    # files are duplicates here rather than a silent collision in the join.
+    for side, values, sources in ((scored_name, scored_ids, None), (f"labels {labels_path}", label_ids, label_sources)):
+        dups = duplicate_ids(values, sources)
         if dups:
-            raise InputError(f"{side}: {len(dups)} duplicate {id_column!r} values, e.g. {dups[:IDS_SHOWN]!r}")
+            shown = ", ".join(dups[:IDS_SHOWN])
+            raise InputError(f"{side}: {len(dups)} duplicate {id_column!r} values, e.g. [{shown}]")
 
-    # An id written as int on one side and as string on the other should still match.
-    if any(isinstance(v, str) for v in scored_ids) != any(isinstance(v, str) for v in label_ids):
-        scored_keys, label_keys = [str(v) for v in scored_ids], [str(v) for v in label_ids]
-    else:
-        scored_keys, label_keys = scored_ids, label_ids
+    scored_keys, label_keys = [join_key(v) for v in scored_ids], [join_key(v) for v in label_ids]
     truth = dict(zip(label_keys, label_values))
 
     score_col = pc.cast(scored.column("score"), pa.float64())
@@ -141,7 +150,7 @@ def join_with_labels(scored: pa.Table, labels_path, id_column: str = "id", label
     missing = [scored_ids[i] for i in rows if scored_keys[i] not in truth]
     if missing:
         raise InputError(f"{len(missing)} scored {id_column!r} values have no label in {labels_path}, "
-                         f"e.g. {missing[:IDS_SHOWN]!r}")
+                         f"e.g. {quoted_list(missing[:IDS_SHOWN])}")
     score_values = score_col.to_pylist()
     ids = [scored_ids[i] for i in rows]
     y_true = np.array([truth[scored_keys[i]] for i in rows], dtype=np.int64)
@@ -242,6 +251,38 @@ def _roc_plot(y_true, scores, out_dir: Path) -> Path:
     return _save(fig, out_dir / ROC_PLOT)
 
 
+def is_evaluation_file(path: str) -> bool:
+    """A file that evaluate writes into its output: what a metrics.json that lists no files (an earlier
+    release's) vouches for; `scored/` holds a score output of its own (`evaluate --input`)."""
+    from sentiment_ray.scoring.output import is_score_file
+
+    if path.startswith(f"{SCORED_DIR}/"):
+        return is_score_file(path[len(SCORED_DIR) + 1:])
+    return path in (METRICS_FILE, *PLOTS)
+
+
+def check_scored_finished(scored_path) -> None:
+    """A `score` output that its run left unfinished (a plan, no manifest) holds only part of its rows: metrics
+    on it would be silently wrong. Refused, naming the rows committed and planned."""
+    from sentiment_ray.scoring.output import MANIFEST_FILE, PLAN_FILE, Fragment, fragments_by_unit, unit_progress
+    from sentiment_ray.work_units import WorkUnit
+
+    try:
+        folder = location(str(scored_path))
+        plan_file = folder.join(PLAN_FILE)
+        if not plan_file.is_file() or folder.join(MANIFEST_FILE).is_file():
+            return
+        units = [WorkUnit(**unit) for unit in json.loads(plan_file.read_text())["units"]]
+    except (StorageError, OSError, ValueError, KeyError, TypeError):
+        return  # not a score output this check can read: reading it reports what is wrong
+    fragments = [f for f in (Fragment.parse(c.name) for c in folder.children()) if f is not None]
+    committed = sum(f.rows for unit, own in zip(units, fragments_by_unit(units, fragments))
+                    for f in unit_progress(unit, own).kept)
+    planned = sum(unit.rows for unit in units)
+    raise InputError(f"scored output {folder} is unfinished: its run committed {committed} of {planned} planned "
+                     f"rows and wrote no {MANIFEST_FILE}; finish it with `sentiment-ray score ... --resume` first")
+
+
 def check_evaluation(out_dir, *, overwrite: bool, threshold: float, inputs: dict[str, object]) -> Path | Location:
     """Everything about an evaluation that can be refused before any work (scoring included): the threshold,
     and the output rules of outputs.py: not an input (`inputs` maps each flag to its path), not the home folder
@@ -259,7 +300,9 @@ def check_evaluation(out_dir, *, overwrite: bool, threshold: float, inputs: dict
     for flag, path in inputs.items():
         if not (flag == "--scored" and scored_is_ours):
             refuse_overlap(out.uri, [path], f"{flag} path")
-    checked = check_output_location_free(out, overwrite, METRICS_FILE,
+    if "--scored" in inputs:
+        check_scored_finished(inputs["--scored"])
+    checked = check_output_location_free(out, overwrite, METRICS_FILE, legacy=is_evaluation_file,
                                          own_entries=(SCORED_DIR,) if scored_is_ours else ())
     return Path(checked.path) if checked.is_local else checked
 
@@ -281,20 +324,35 @@ def write_evaluation(scored_path, labels_path, out_dir: Path | Location, id_colu
                                                      scored_name=f"scored output {scored_path}")
     metrics = compute_metrics(y_true, scores, threshold)
     metrics.update(n_unscored=n_unscored, scored_path=str(scored_path), labels_path=str(labels_path))
-    if isinstance(out_dir, Location) and not out_dir.is_local:
+    out = location(str(out_dir)) if not isinstance(out_dir, Location) else out_dir
+    # The scored output inside this one (what `evaluate --input` scored, or the --scored folder given) stays and
+    # becomes part of it; an old one of an earlier evaluation of other rows goes with that evaluation.
+    keep = (SCORED_DIR,) if location(str(scored_path)) == out.join(SCORED_DIR) else ()
+    kept_files = [f"{SCORED_DIR}/{e.path}" for e in walk(out.join(SCORED_DIR)) if not e.is_dir] if keep else []
+    # check_evaluation applied --overwrite already (hence overwrite=True below): what is there now is replaced
+    # only while it is still an earlier evaluation, which the commit checks again.
+    if not out.is_local:
         with tempfile.TemporaryDirectory(prefix="sentiment-ray-evaluate-") as staging:
-            _write_results(metrics, y_true, scores, Path(staging), threshold)
-            # check_evaluation applied --overwrite already; a scored/ folder beside the metrics stays
-            upload_output(Path(staging), out_dir, overwrite=True, marker=METRICS_FILE, own_entries=(SCORED_DIR,))
-    else:
-        _write_results(metrics, y_true, scores, Path(str(out_dir)), threshold)
+            _write_results(metrics, y_true, scores, Path(staging), threshold, kept_files)
+            upload_output(Path(staging), out, overwrite=True, marker=METRICS_FILE, own_entries=keep,
+                          legacy=is_evaluation_file)
+        return metrics
+    final = Path(out.path)
+    staging = staging_dir(final)
+    try:
+        staging.mkdir()
+        _write_results(metrics, y_true, scores, staging, threshold, kept_files)
+        commit(staging, final, overwrite=True, marker=METRICS_FILE, legacy=is_evaluation_file, keep=keep)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk or a crash leaves nothing that blocks a rerun
+        raise
     return metrics
 
 
-def _write_results(metrics: dict, y_true, scores, out_dir: Path, threshold: float) -> None:
+def _write_results(metrics: dict, y_true, scores, out_dir: Path, threshold: float, kept_files: list[str]) -> None:
     write_plots(y_true, scores, out_dir, threshold)
-    # Written last, so a failed run never leaves a metrics.json that blocks the retry.
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    record_files(out_dir, METRICS_FILE, extra=kept_files)
 
 
 def format_metrics(metrics: dict) -> str:

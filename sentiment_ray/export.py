@@ -33,6 +33,7 @@ from pathlib import Path
 from sentiment_ray import __version__
 from sentiment_ray.metadata import AdapterError, AdapterMetadata
 from sentiment_ray.outputs import OutputExistsError, check_writable, commit, refuse_overlap, resolve_output, staging_dir
+from sentiment_ray.storage import location
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,9 @@ def export_classifier(adapter: str, output: str, *, base_model: str = "", dtype:
 
 def check_export_output(output: str, adapter: str) -> Path:
     """The resolved output folder, refused unless it is absent or an empty folder: export never replaces
-    anything. Not the home folder or a filesystem root, not inside the adapter, and writable."""
-    final = resolve_output(output)
+    anything (dot-files count: a folder holding only them is not empty). Not the home folder or a filesystem
+    root, not inside the adapter, and writable. A local folder only, also given as a file:// URI."""
+    final = resolve_output(location(output).path if str(output).startswith("file://") else output)
     refuse_overlap(final, [adapter], "adapter")
     if final.exists() or final.is_symlink():
         if not final.is_dir():

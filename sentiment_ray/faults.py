@@ -10,6 +10,9 @@ Ray started.
   actor that finds the marker already there carries on.
 - `SENTIMENT_RAY_FAULT_FAIL_TEXT=word`: scoring a batch that holds a review containing `word` raises, every
   time: the batch retry and row-by-row fallback must then mark exactly that row as `error`.
+- `SENTIMENT_RAY_FAULT_DISK_FULL_AFTER_FRAGMENTS=N`: once the output holds N scored fragments, writing another
+  fails as a full disk does (`OSError` ENOSPC, raised inside the fragment's atomic write). For every write of
+  the run: a `--resume` without the variable is the disk with space again.
 - `SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP=N`: the finetune worker kills its own process when optimizer step N
   ends, before that step's checkpoint is written; once per run, through the same marker (default: a file in the
   system temp folder named after the Ray Train run).
@@ -17,8 +20,10 @@ Ray started.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 logger = logging.getLogger(__name__)
@@ -27,6 +32,7 @@ EXIT_AFTER_BATCHES = "SENTIMENT_RAY_FAULT_ACTOR_EXIT_AFTER_BATCHES"
 MARKER = "SENTIMENT_RAY_FAULT_MARKER"
 FAIL_TEXT = "SENTIMENT_RAY_FAULT_FAIL_TEXT"
 TRAIN_EXIT_AT_STEP = "SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP"
+DISK_FULL_AFTER_FRAGMENTS = "SENTIMENT_RAY_FAULT_DISK_FULL_AFTER_FRAGMENTS"
 
 
 class InjectedFault(RuntimeError):
@@ -39,14 +45,17 @@ class FaultPlan:
     marker: str | None = None
     fail_text: str | None = None
     train_exit_at_step: int | None = None
+    disk_full_after_fragments: int | None = None
 
     @classmethod
     def from_env(cls, default_marker: str) -> FaultPlan:
         exit_after, exit_at_step = os.environ.get(EXIT_AFTER_BATCHES), os.environ.get(TRAIN_EXIT_AT_STEP)
+        disk_full = os.environ.get(DISK_FULL_AFTER_FRAGMENTS)
         return cls(exit_after_batches=int(exit_after) if exit_after else None,
                    marker=os.environ.get(MARKER) or default_marker,
                    fail_text=os.environ.get(FAIL_TEXT) or None,
-                   train_exit_at_step=int(exit_at_step) if exit_at_step else None)
+                   train_exit_at_step=int(exit_at_step) if exit_at_step else None,
+                   disk_full_after_fragments=int(disk_full) if disk_full else None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +67,10 @@ class FaultPlan:
     def maybe_exit(self, batches_done: int) -> None:
         if self.exit_after_batches is not None and batches_done >= self.exit_after_batches:
             self._exit_once(f"fault injection: scoring actor pid {os.getpid()} exits after {batches_done} batches")
+
+    def maybe_disk_full(self, fragments_written: Callable[[], int]) -> None:
+        if self.disk_full_after_fragments is not None and fragments_written() >= self.disk_full_after_fragments:
+            raise OSError(errno.ENOSPC, f"No space left on device (injected: {DISK_FULL_AFTER_FRAGMENTS})")
 
     def maybe_exit_training(self, step: int) -> None:
         if self.train_exit_at_step is not None and step >= self.train_exit_at_step:

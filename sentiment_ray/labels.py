@@ -29,7 +29,9 @@ def normalize_label(value: object) -> int:
     try:
         return _ACCEPTED[key]  # type: ignore[index]
     except (KeyError, TypeError):
-        raise LabelError(f"label {value!r} is not one of 0/1 or 'negative'/'positive'") from None
+        from sentiment_ray.data import quoted  # data imports this module
+
+        raise LabelError(f"label {quoted(value)} is not one of 0/1 or 'negative'/'positive'") from None
 
 
 def normalize_labels(values: Iterable[object], *, where: str = "", ids: Sequence[object] | None = None,
@@ -42,6 +44,8 @@ def normalize_labels(values: Iterable[object], *, where: str = "", ids: Sequence
             out.append(normalize_label(value))
         except LabelError as exc:
             row = first_row + index
-            at = f" (id {ids[index]!r})" if ids is not None else ""
+            from sentiment_ray.data import quoted  # data imports this module
+
+            at = f" (id {quoted(ids[index])})" if ids is not None else ""
             raise LabelError(f"{where}: row {row}{at}: {exc}" if where else f"row {row}{at}: {exc}") from None
     return out

@@ -101,3 +101,25 @@ def configure_worker_logging(level: int | None) -> None:
     for handler in [h for h in package.handlers if isinstance(h, CurrentStderrHandler)]:
         package.removeHandler(handler)
     package.setLevel(level)
+
+
+class _ErrorsToLogFileOnly(logging.Filter):
+    """Keeps Ray Data's error records off the console. A read task that finds a damaged row group raises an
+    InputError, and Ray Data prints it with three tracebacks and notices (135 lines for one file) before the
+    command reports it in one line; a failure of Ray itself reaches the console as the command's own traceback.
+    Ray Data's log file (`logs/ray-data/ray-data.log` in the Ray session's folder) still gets every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def ray_data_errors_to_log_file() -> None:
+    """Install _ErrorsToLogFileOnly on the console handlers of Ray Data's logger (once; after `import ray.data`,
+    which sets them up)."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger's handlers)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" in type(handler).__name__:
+            continue
+        if not any(isinstance(f, _ErrorsToLogFileOnly) for f in handler.filters):
+            handler.addFilter(_ErrorsToLogFileOnly())

@@ -17,6 +17,14 @@ METADATA_FILE = "sentiment_ray.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
+# What an adapter folder of a release that did not list its files (`files_written`) may hold: the files finetune
+# writes (peft's weights and config, a tokenizer's files, the model card, this metadata). Anything else there is
+# not this tool's, and `--overwrite` refuses the folder.
+LEGACY_ADAPTER_FILES = frozenset({
+    METADATA_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+})
 
 
 class AdapterError(ValueError):
@@ -45,6 +53,9 @@ class AdapterMetadata:
     package_version: str = __version__
     format_version: int = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    # Every file of the adapter folder (relative paths), recorded when finetune commits it: all that a later
+    # --overwrite may delete (sentiment_ray/ownership.py). None: an adapter of an earlier release.
+    files_written: list[str] | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -185,8 +196,9 @@ def check_adapter_loadable(adapter_dir: str | Path | Location, base_override: st
                            trust_remote_code: bool = False) -> AdapterMetadata:
     """Everything loading this adapter needs, checked before any work starts: its metadata, its weights'
     safetensors header (a truncated or corrupt file is named here, not found inside every actor) and its base
-    model (`base_override` or the one recorded at training). An adapter at a URI is checked on its local copy
-    (local_adapter), which the work then uses."""
+    model (`base_override` or the one recorded at training), and that the weights' shapes are those its
+    adapter_config.json makes on that base (sentiment_ray/base_modules.py). An adapter at a URI is checked on its
+    local copy (local_adapter), which the work then uses."""
     from safetensors import SafetensorError, safe_open
 
     folder = location(adapter_dir)
@@ -194,16 +206,23 @@ def check_adapter_loadable(adapter_dir: str | Path | Location, base_override: st
     if not folder.join(ADAPTER_CONFIG).is_file():
         raise AdapterError(f"{folder} has no {ADAPTER_CONFIG} (peft needs it to load the adapter)")
     weights = folder.join(ADAPTER_WEIGHTS)
+    local = local_adapter(folder)
     try:
-        with safe_open(str(local_adapter(folder) / ADAPTER_WEIGHTS), framework="numpy") as tensors:
-            names = list(tensors.keys())
+        with safe_open(str(local / ADAPTER_WEIGHTS), framework="numpy") as tensors:
+            # From the header alone: no tensor is read.
+            names = tensors.keys()  # a safe_open handle is not iterable
+            shapes = {name: tuple(tensors.get_slice(name).get_shape()) for name in names}
     except (SafetensorError, OSError) as exc:
         raise AdapterError(f"{weights}: not readable safetensors ({exc}); the file is truncated or damaged, copy "
                            "or train the adapter again") from None
-    if not names:
+    if not shapes:
         raise AdapterError(f"{weights}: holds no tensors")
     if base_override:
-        check_base_model(base_override, trust_remote_code)
+        base = check_base_model(base_override, trust_remote_code)
     else:
-        check_base_model(metadata.base_model, trust_remote_code, recorded_in=str(folder.join(METADATA_FILE)))
+        base = check_base_model(metadata.base_model, trust_remote_code, recorded_in=str(folder.join(METADATA_FILE)))
+    from sentiment_ray.base_modules import check_adapter_weights
+
+    # Shapes against adapter_config.json and the base: else peft's `size mismatch` traceback in every actor.
+    check_adapter_weights(str(weights), shapes, local, str(folder.join(ADAPTER_CONFIG)), base, trust_remote_code)
     return metadata

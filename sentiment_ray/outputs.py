@@ -5,34 +5,39 @@ place only when complete, so a crash leaves the final name absent rather than ho
 (`score` writes its output in place, on any storage, with its manifest as the commit marker:
 sentiment_ray/scoring/output.py applies the same rules there.)
 
-What may be replaced: `--overwrite` replaces only what this tool wrote, an empty folder or a folder holding the
-command's own marker file (the score manifest, the adapter's `sentiment_ray.json`, evaluate's `metrics.json`).
-Whatever the flags, an output may not be, contain or lie inside an input, the home directory or a filesystem
-root. These rules are checked before any work starts, and the first one again when the result is committed.
+What may be replaced: `--overwrite` deletes only what this tool's own records say it wrote (sentiment_ray/
+ownership.py): the files that the command's marker lists (the score manifest, the adapter's `sentiment_ray.json`,
+evaluate's `metrics.json`) and the tool's hidden work files, matched by their exact names. Any other entry at the
+output, of any name and at any depth, makes every command refuse it, whatever the flags. Whatever the flags, an
+output may not be, contain or lie inside an input, the home directory or a filesystem root. These rules are
+checked before any work starts, and the first one again when the result is committed.
 
 An object-store output (s3://, gs://; `finetune` and `evaluate`) follows the same rules, a bucket root taking
 the place of a filesystem root. Object stores cannot rename a folder, so a finished local folder is uploaded file
 by file (each file atomically) with the marker last, and `.sentiment_ray_upload` marks the output unfinished until
-then: a reader sees no marker, hence no finished output, and a rerun with --overwrite may replace it.
+then, listing the files of the old and the new output: a reader sees no marker, hence no finished output, and a
+rerun with --overwrite may replace it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import logging
 import os
-import shutil
 import tempfile
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path, PurePath, PurePosixPath
 
+from sentiment_ray.data import input_matches, pattern_could_match
+from sentiment_ray.ownership import FILES_KEY, UPLOAD_MARKER, Survey, delete_own, survey
 from sentiment_ray.storage import Location, StorageError, is_uri, location, upload_folder, uri_path
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_SHOWN = 3  # entries named in a refusal; the count says how many more there are
-UPLOAD_MARKER = ".sentiment_ray_upload"  # in an object-store output while it is being uploaded
+Legacy = Callable[[str], bool] | Collection[str]  # the relative paths a command writes (ownership.survey)
 
 
 class OutputExistsError(FileExistsError):
@@ -60,25 +65,20 @@ def _refuse_protected(path: Path) -> None:
         raise OutputExistsError(f"output {path} contains your home directory {home}; choose another folder")
 
 
-def _refuse_foreign(path: Path, marker: str, own_entries: Collection[str] = ()) -> None:
-    """Anything at `path` but an empty folder or a folder holding `marker` was not written by this tool."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not path.is_dir():
-        raise OutputExistsError(f"output {path} is a file not written by sentiment-ray; choose another path "
-                                f"(--overwrite replaces only a folder holding {marker} or an empty folder)")
-    entries = sorted(e for e in path.iterdir() if e.name not in own_entries)
-    if not entries or (path / marker).is_file():
-        return
-    raise _not_ours(path, [e.name + ("/" if e.is_dir() else "") for e in entries[:EXAMPLES_SHOWN]], len(entries),
-                    marker)
+def _file_not_ours(output: object, marker: str) -> OutputExistsError:
+    return OutputExistsError(f"output {output} is a file not written by sentiment-ray; choose another path "
+                             f"(--overwrite replaces only a folder holding {marker} or an empty folder)")
 
 
-def _not_ours(output: object, shown: list[str], count: int, marker: str) -> OutputExistsError:
-    entries = f"{count} entr{'y' if count == 1 else 'ies'}"
-    return OutputExistsError(f"output {output} holds {entries} not written by sentiment-ray, e.g. {', '.join(shown)}; "
-                             f"choose another path (--overwrite replaces only a folder holding {marker} or an empty "
-                             "folder)")
+def own_output(output: Location, marker: str, legacy: Legacy = (), own_entries: Collection[str] = ()) -> Survey:
+    """The survey of `output` (sentiment_ray/ownership.py) once it is known to hold nothing but this tool's own
+    files; else OutputExistsError naming up to three foreign entries and their count."""
+    if output.is_file() or (output.is_local and os.path.islink(output.path)):
+        raise _file_not_ours(output, marker)
+    found = survey(output, marker, legacy=legacy, own_entries=own_entries)
+    if found.foreign:
+        raise OutputExistsError(found.foreign_message())
+    return found
 
 
 def check_writable(final: Path) -> None:
@@ -113,14 +113,14 @@ def resolve_output(path: str | Path) -> Path:
 
 
 def check_output_free(path: str | Path, overwrite: bool, marker: str, flag: str = "--overwrite",
-                      own_entries: Collection[str] = ()) -> Path:
+                      own_entries: Collection[str] = (), legacy: Legacy = ()) -> Path:
     """The resolved output path, once it is known to be writable and either free or replaceable: absent, an
-    empty folder, or (with `overwrite`) a folder holding `marker`. `own_entries` are names the command itself
-    wrote there before this check (evaluate's `scored/`); they count as neither."""
+    empty folder, or (with `overwrite`) a folder holding only what the command's `marker` lists (`legacy`: the
+    names the command writes, for a marker of a release that kept no list). `own_entries` are names the command
+    itself wrote there before this check (evaluate's `scored/`); they count as neither."""
     final = resolve_output(path)
-    _refuse_foreign(final, marker, own_entries)
-    exists = final.exists() and any(e.name not in own_entries for e in final.iterdir())
-    if exists and not overwrite:
+    found = own_output(location(final), marker, legacy, own_entries)
+    if found.holds_output and not overwrite:
         raise OutputExistsError(f"output {final} already exists; choose a new path or pass {flag} to replace it")
     check_writable(final)
     _warn_of_leftovers(final)
@@ -139,6 +139,9 @@ def refuse_overlap(output: str | Path, inputs: Iterable[str | Path], role: str) 
     for given in inputs:
         for path in _input_paths(str(given)):
             _refuse_related(final, path, final, path, role)
+        if pattern_could_match(str(given), str(final)):
+            raise OutputExistsError(f"output {final} is matched by the {role} pattern {given!r}: a rerun or "
+                                    "--resume would read it as input; choose an output the pattern does not match")
 
 
 def _refuse_related(output: PurePath, given: PurePath, output_shown: object, given_shown: object, role: str) -> None:
@@ -177,19 +180,6 @@ def _refuse_bucket_root(output: str) -> None:
                                 "inside it")
 
 
-def _refuse_foreign_in_store(output: Location, marker: str, own_entries: Collection[str] = ()) -> list[Location]:
-    """_refuse_foreign for an object-store output; returns its entries other than `own_entries`."""
-    if output.is_file():
-        raise OutputExistsError(f"output {output} is a file not written by sentiment-ray; choose another path "
-                                f"(--overwrite replaces only a folder holding {marker} or an empty folder)")
-    entries = [e for e in output.children() if e.name not in own_entries]
-    names = {e.name for e in entries}
-    if entries and not names & {marker, UPLOAD_MARKER}:
-        shown = [e.name + ("/" if e.is_dir() else "") for e in entries[:EXAMPLES_SHOWN]]
-        raise _not_ours(output, shown, len(entries), marker)
-    return entries
-
-
 def _check_writable_in_store(output: Location) -> None:
     """Write and delete an empty object beside the output: a missing bucket, wrong credentials or endpoint, or
     a write-protected prefix are found before the work, not after it."""
@@ -203,16 +193,16 @@ def _check_writable_in_store(output: Location) -> None:
 
 
 def check_output_location_free(path: str | Path, overwrite: bool, marker: str, flag: str = "--overwrite",
-                               own_entries: Collection[str] = ()) -> Location:
+                               own_entries: Collection[str] = (), legacy: Legacy = ()) -> Location:
     """check_output_free for a local path or an object-store URI: the same rules, the same messages. An
     object-store output that an interrupted upload left unfinished counts as this tool's."""
     output = location(path)
     if output.is_local:
-        return location(check_output_free(output.path, overwrite, marker, flag, own_entries))
+        return location(check_output_free(output.path, overwrite, marker, flag, own_entries, legacy))
     _refuse_bucket_root(output.uri)
-    entries = _refuse_foreign_in_store(output, marker, own_entries)
-    if entries and not overwrite:
-        unfinished = UPLOAD_MARKER in {e.name for e in entries}
+    found = own_output(output, marker, legacy, own_entries)
+    if found.holds_output and not overwrite:
+        unfinished = UPLOAD_MARKER in found.own
         raise OutputExistsError(f"output {output} " + ("holds an unfinished upload of an earlier run" if unfinished
                                                        else "already exists")
                                 + f"; choose a new path or pass {flag} to replace it")
@@ -221,30 +211,28 @@ def check_output_location_free(path: str | Path, overwrite: bool, marker: str, f
 
 
 def upload_output(staging: Path, final: Location, overwrite: bool, marker: str,
-                  own_entries: Collection[str] = ()) -> Location:
+                  own_entries: Collection[str] = (), legacy: Legacy = ()) -> Location:
     """commit() for an object-store output: the finished local folder `staging` is uploaded to `final`.
 
     The rules are checked again (the output may have changed during the run). An earlier output (only with
-    `overwrite`; `own_entries` are kept) is deleted, its marker first, so that no reader takes old metadata for
-    new weights; then every file is uploaded, the marker last. UPLOAD_MARKER is there from the first change to
-    the last: an interrupted upload is recognisable as this tool's, and as unfinished. On failure the
-    result is kept in `staging` and the message says so."""
+    `overwrite`; `own_entries` are kept) is deleted, exactly the files its records list, its marker first, so
+    that no reader takes old metadata for new weights; then every file is uploaded, the marker last.
+    UPLOAD_MARKER is there from the first change to the last, listing the old and the new files: an interrupted
+    upload is recognisable as this tool's, and as unfinished, and a rerun deletes no more than those. On
+    failure the result is kept in `staging` and the message says so."""
     try:
-        entries = _refuse_foreign_in_store(final, marker, own_entries)
+        found = own_output(final, marker, legacy, own_entries)
     except OutputExistsError as exc:
         raise OutputExistsError(f"{exc}; this run's result is kept in {staging}") from None
-    if entries and not overwrite:
+    if found.holds_output and not overwrite:
         raise OutputExistsError(f"output {final} appeared while this run was writing; result kept in {staging}")
+    new_files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
     unfinished = final.join(UPLOAD_MARKER)
     try:
-        unfinished.write_bytes(b"an upload of sentiment-ray is writing this folder, or stopped before finishing\n")
-        for entry in sorted(entries, key=lambda e: e.name != marker):
-            if entry.name == UPLOAD_MARKER:
-                continue
-            if entry.is_dir():
-                entry.delete_dir(missing_ok=True)
-            else:
-                entry.delete(missing_ok=True)
+        unfinished.write_bytes((json.dumps({FILES_KEY: sorted({*found.own, *new_files} - {UPLOAD_MARKER})}, indent=2)
+                                + "\n").encode())
+        found.own = [p for p in found.own if p != UPLOAD_MARKER]
+        delete_own(found, first=(marker,))
         upload_folder(staging, final, last=(marker,))
         unfinished.delete()
     except (StorageError, OSError) as exc:
@@ -254,13 +242,9 @@ def upload_output(staging: Path, final: Location, overwrite: bool, marker: str,
 
 
 def _input_paths(given: str) -> list[Path]:
-    if given.startswith("file://"):
-        given = given[len("file://"):]
-    elif "://" in given:
+    if "://" in given and not given.startswith("file://"):
         return []
-    expanded = os.path.expanduser(given)
-    matches = glob.glob(expanded, recursive=True) if glob.has_magic(expanded) else [expanded]
-    return [Path(m).resolve() for m in matches]
+    return [Path(m).resolve() for m in input_matches(given)]  # what the reading takes the input to be
 
 
 def staging_dir(final: Path) -> Path:
@@ -268,21 +252,38 @@ def staging_dir(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def commit(staging: Path, final: Path, overwrite: bool, marker: str) -> Path:
+def commit(staging: Path, final: Path, overwrite: bool, marker: str, legacy: Legacy = (),
+           keep: Collection[str] = ()) -> Path:
     """Move a finished staging folder to its final name. An old output there is replaced only with `overwrite`
-    and only while it is still this tool's (checked again: it may have changed during the run): it is moved
-    aside, the new one renamed in, and only then deleted. Every failure names the paths; none is silent."""
-    if final.is_dir() and not any(final.iterdir()):
+    and only while it is still this tool's alone (checked again: it may have changed during the run): it is
+    moved aside, the new one renamed in, and then exactly the files its records list are deleted. `keep`: names
+    in the old output that belong to the new one (evaluate's `scored/`, scored by this run or read by it); they
+    move into the new output. Every failure names the paths; none is silent."""
+    kept = [name for name in keep if os.path.lexists(final / name)]
+    for name in kept:
+        (final / name).rename(staging / name)
+    try:
+        return _swap(staging, final, overwrite, marker, legacy)
+    except BaseException:
+        for name in kept:  # back where the user had them
+            if os.path.lexists(staging / name) and not os.path.lexists(final / name):
+                final.mkdir(parents=True, exist_ok=True)
+                (staging / name).rename(final / name)
+        raise
+
+
+def _swap(staging: Path, final: Path, overwrite: bool, marker: str, legacy: Legacy) -> Path:
+    if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
         final.rmdir()  # an empty folder holds nothing to keep
-    if not final.exists():
+    if not os.path.lexists(final):
         staging.rename(final)
         return final
-    if not overwrite:
-        raise OutputExistsError(f"output {final} appeared while this run was writing; result kept in {staging}")
     try:
-        _refuse_foreign(final, marker)
+        found = own_output(location(final), marker, legacy)
     except OutputExistsError as exc:
         raise OutputExistsError(f"{exc}; this run's result is kept in {staging}") from None
+    if not overwrite:
+        raise OutputExistsError(f"output {final} appeared while this run was writing; result kept in {staging}")
     old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         final.rename(old)
@@ -295,9 +296,16 @@ def commit(staging: Path, final: Path, overwrite: bool, marker: str) -> Path:
         old.rename(final)  # the old output back under its name: the user keeps what they had
         raise OSError(f"could not rename {staging} to {final} ({exc}); the old output is back in place and this "
                       "run's result is kept in the former") from exc
+    _delete_old(old, final, found)
+    return final
+
+
+def _delete_old(old: Path, final: Path, found: Survey) -> None:
+    """Delete the old output, moved aside to `old`: exactly the files its survey found to be the tool's. An
+    entry that appeared between the survey and the move stays there, with a warning."""
     try:
-        shutil.rmtree(old)
+        delete_own(dataclasses.replace(found, folder=location(old)))
+        old.rmdir()
     except OSError as exc:
         logger.warning("replaced %s, but could not delete the old output, now at %s (%s); delete it by hand",
                        final, old, exc)
-    return final

@@ -13,6 +13,7 @@ leaves nothing under the name, and an older file or object there as it was.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -40,6 +41,21 @@ _COPY_CHUNK = 8 << 20
 class StorageError(InputError):
     """A location that cannot be used: an unknown scheme, or a store that refuses or cannot be reached (bucket,
     credentials, endpoint). The message names the URI."""
+
+
+# A full disk, a quota reached, a filesystem gone read-only: what the environment refuses in the middle of a run
+# whose output location was writable when it started.
+WRITE_REFUSED_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+class OutputWriteError(RuntimeError):
+    """Writing an output failed for a reason outside the command (WRITE_REFUSED_ERRNOS). The message names the
+    location and the error; the CLI ends with it in one line and exit 1. Raised where the write was whole or not
+    at all, so nothing under the final name looks complete, and a rerun (`--resume`) can finish the work."""
+
+
+def write_refused(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in WRITE_REFUSED_ERRNOS
 
 
 def is_uri(path: str | Path) -> bool:
@@ -175,6 +191,10 @@ class Location:
                 with pa.OSFile(temporary, "wb") as stream:
                     write(stream)
                 os.replace(temporary, self.path)
+            except OSError as exc:
+                if write_refused(exc):
+                    raise OutputWriteError(f"could not write {self.uri}: {one_line(exc)}") from exc
+                raise
             finally:
                 if os.path.lexists(temporary):
                     os.unlink(temporary)

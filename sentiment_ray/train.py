@@ -13,12 +13,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from sentiment_ray.config import FinetuneConfig, FinetuneModelConfig, build_config, check_padding_free
+from sentiment_ray.data import one_line
 from sentiment_ray.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
+from sentiment_ray.ownership import record_files
+from sentiment_ray.storage import OutputWriteError, write_refused
 from sentiment_ray.train_data import HeldOutRows, load_rows
 
 logger = logging.getLogger(__name__)
@@ -293,7 +298,7 @@ def save_adapter_folder(peft_model, tokenizer, metadata, folder: Path) -> None:
     """The adapter folder as `PeftModel.from_pretrained` and the Hugging Face Hub expect it: weights (safetensors),
     adapter_config.json naming the base by its hub id where one is known, the tokenizer, this package's metadata
     and a model card (replacing peft's template card)."""
-    from sentiment_ray.metadata import name_base_in_adapter_config
+    from sentiment_ray.metadata import METADATA_FILE, name_base_in_adapter_config
     from sentiment_ray.model_card import write_adapter_card
 
     peft_model.save_pretrained(folder, safe_serialization=True)
@@ -302,6 +307,8 @@ def save_adapter_folder(peft_model, tokenizer, metadata, folder: Path) -> None:
         name_base_in_adapter_config(folder, metadata.base_model_id)
     metadata.write(folder)
     write_adapter_card(folder, metadata)
+    # The folder is complete: its metadata lists every file, all that a later --overwrite may delete.
+    record_files(folder, METADATA_FILE, sort_keys=True)
 
 
 def training_shape(cfg: FinetuneConfig, world: int) -> dict:
@@ -409,16 +416,107 @@ def resolve_base_model(model: FinetuneModelConfig) -> FinetuneModelConfig:
                                base_model_id=model.base_model_id or known_hub_id(model.name_or_path))
 
 
+DEFAULT_CHECKPOINTS_DIR = "ray-train"  # below the cache folder: Ray Train's storage when ray.storage_path is unset
+
+
+def _interruptible_trainer_class():
+    """TorchTrainer whose Ctrl-C raises KeyboardInterrupt in the driver (exit 130 with one line, cli.py) after
+    asking the run to stop; Ray Train's own handler aborts the run and leaves the process to exit 1 silently."""
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            signal.signal(signal.SIGINT, interrupt_handler(controller))
+            signal.signal(signal.SIGTERM, interrupt_handler(controller))  # KubeRay, `ray job stop`
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["failure_policy"] = user_errors_not_retried(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    return InterruptibleTorchTrainer
+
+
+def _user_error_types() -> tuple[type, ...]:
+    """What a worker raises for a mistake in the config, data, adapter or model it was given: the same again on
+    every attempt, so it is never retried."""
+    from sentiment_ray.config import ConfigError
+    from sentiment_ray.data import InputError
+    from sentiment_ray.labels import LabelError
+    from sentiment_ray.metadata import AdapterError
+    from sentiment_ray.prompt import PromptError
+
+    kinds: tuple[type, ...] = (ConfigError, InputError, LabelError, AdapterError, PromptError)
+    try:
+        from peft.utils.error import NoMatchingPeftModuleError
+
+        kinds += (NoMatchingPeftModuleError,)
+    except ImportError:  # an older peft: its ValueError is retried like any other worker failure
+        pass
+    return kinds
+
+
+def _worker_errors(error: BaseException) -> list[BaseException]:
+    """What the training workers raised, out of Ray Train's WorkerGroupError and its UserExceptionWithTraceback
+    wrappers, each with its chain of causes."""
+    found = []
+    for failure in getattr(error, "worker_failures", {}).values():
+        raised = getattr(failure, "_base_exc", failure)
+        while raised is not None:
+            found.append(raised)
+            raised = raised.__cause__
+    return found
+
+
+def user_error_inside(error: BaseException) -> BaseException | None:
+    """The user error (see _user_error_types) a training worker raised; None for any other failure."""
+    kinds = _user_error_types()
+    return next((e for e in _worker_errors(error) if isinstance(e, kinds)), None)
+
+
+def user_errors_not_retried(failure_config):
+    """Ray Train's default failure policy, except that a worker failing with a user error ends the run at once
+    (else Ray Train restarts the workers ray.max_failures times to meet the same error). A private hook of Ray
+    Train (the controller's `failure_policy`), like `_register_sigint_handler` above: where it is gone, the
+    driver's checks (run_finetune) still catch these errors before any worker starts."""
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+
+    class UserErrorsNotRetried(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if user_error_inside(training_failed_error) is not None:
+                logger.info("a training worker failed with a user error; not retrying it")
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return UserErrorsNotRetried(failure_config)
+
+
+def interrupt_handler(controller):
+    """For SIGINT and SIGTERM alike: the run is asked to stop, and the driver ends as cli.py reports a signal."""
+    from sentiment_ray.signals import Terminated
+
+    def on_signal(signum, frame):
+        # A second signal stops at once.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            controller.abort.remote()  # the workers stop; the checkpoints already reported stay for a rerun
+        except Exception:  # the controller is gone already: nothing to stop
+            logger.debug("could not ask the training run to stop", exc_info=True)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    return on_signal
+
+
 def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     """Train an adapter on a Ray cluster (started locally when none is running); returns its metadata dict.
     `command` (the command line, where there is one) is recorded in the adapter's metadata and model card."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from sentiment_ray import faults
+    from sentiment_ray.base_modules import check_target_modules
     from sentiment_ray.logging_setup import level_for_workers
-    from sentiment_ray.metadata import METADATA_FILE, read_metadata
-    from sentiment_ray.ray_cluster import ensure_ray
+    from sentiment_ray.metadata import LEGACY_ADAPTER_FILES, METADATA_FILE, check_base_model, read_metadata
+    from sentiment_ray.ray_cluster import check_requests_fit, ensure_ray, finetune_requests
     from sentiment_ray.storage import location
     from sentiment_ray.train_checkpoints import check_finished_adapter, claim_run, run_identity
 
@@ -426,8 +524,8 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     if not cfg.data.train.startswith("hf:"):
         refuse_overlap(cfg.output_dir, [cfg.data.train], "training data")
     finished = cfg.resume_if_exists and location(cfg.output_dir).join(METADATA_FILE).is_file()
-    final = location(cfg.output_dir) if finished else check_output_location_free(cfg.output_dir, cfg.overwrite,
-                                                                                 METADATA_FILE)
+    final = location(cfg.output_dir) if finished else check_output_location_free(
+        cfg.output_dir, cfg.overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
     from sentiment_ray.train_data import WorkerShare, scan_training_data, worker_datasets
 
     training = scan_training_data(cfg)
@@ -444,13 +542,24 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
         logger.info("%s already holds the adapter this run trains (%s steps); nothing to train", final,
                     metadata.metrics.get("steps"))
         return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": 0.0}
+    # The base model and the modules LoRA adapts, here: in the workers a bad one is a traceback that Ray Train
+    # retries ray.max_failures times before the command fails.
+    check_base_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    check_target_modules(cfg.model.name_or_path, cfg.lora.target_modules, cfg.model.trust_remote_code)
 
     ensure_ray(cfg.ray)
+    check_requests_fit(finetune_requests(cfg))  # a worker no node can hold would wait with no end
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
     storage = cfg.ray.storage_path
-    if storage and "://" not in storage:
+    if storage is None:
+        # Not Ray's default ~/ray_results, which keeps every run's checkpoints (~90 MB for SmolLM2) forever: a
+        # cache folder, from which a crashed run resumes with the same ray.run_name and which a finished run empties.
+        from sentiment_ray.embedded_model import cache_dir
+
+        storage = str(cache_dir() / DEFAULT_CHECKPOINTS_DIR)
+    elif "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     run_config = RunConfig(
         name=cfg.ray.run_name or f"sentiment-ray-finetune-{int(time.time())}",
@@ -462,7 +571,7 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
         logger.info("run %s exists in %s: resuming from its latest checkpoint", run_config.name,
                     run_config.storage_path)
     fault_plan = faults.FaultPlan.from_env(str(Path(tempfile.gettempdir()) / f"sentiment-ray-fault-{run_config.name}"))
-    trainer = TorchTrainer(
+    trainer = _interruptible_trainer_class()(
         train_worker,
         train_loop_config={
             "config": dataclasses.asdict(cfg),
@@ -482,22 +591,53 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     started = time.perf_counter()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as exc:
+        user_error = user_error_inside(exc)
+        if user_error is None:
+            refused = next((e for e in _worker_errors(exc) if write_refused(e)), None)
+            if refused is None:
+                raise
+            logger.debug("training failed in a worker", exc_info=True)
+            raise OutputWriteError(f"a training worker could not write its checkpoint (kept in {storage}): "
+                                   f"{one_line(refused)}") from None
+        logger.debug("training failed in a worker", exc_info=True)  # the worker's traceback, for -v
+        if type(user_error).__name__ == "NoMatchingPeftModuleError":  # peft's words, with the setting named
+            from sentiment_ray.config import ConfigError
+
+            raise ConfigError(f"lora.target_modules: {user_error}") from None
+        raise user_error from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in previous.items():  # Ray Train leaves its own handler installed
+                signal.signal(signum, handler)
     if result.checkpoint is None:
         raise RuntimeError("the training worker finished without reporting an adapter checkpoint")
 
-    if final.is_local:
-        staging = staging_dir(Path(final.path))
-        result.checkpoint.to_directory(str(staging))
-        commit(staging, Path(final.path), cfg.overwrite, METADATA_FILE)
-    else:  # an object store: the adapter is fetched into a local folder, then uploaded file by file
-        staging = Path(tempfile.mkdtemp(prefix="sentiment-ray-adapter-"))
-        result.checkpoint.to_directory(str(staging))
-        upload_output(staging, final, cfg.overwrite, METADATA_FILE)
+    staging = (staging_dir(Path(final.path)) if final.is_local
+               else Path(tempfile.mkdtemp(prefix="sentiment-ray-adapter-")))
+    try:
+        if final.is_local:
+            result.checkpoint.to_directory(str(staging))
+            commit(staging, Path(final.path), cfg.overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
+        else:  # an object store: the adapter is fetched into a local folder, then uploaded file by file
+            result.checkpoint.to_directory(str(staging))
+            upload_output(staging, final, cfg.overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        if not write_refused(exc):
+            raise
+        # The half-copied staging folder goes (it holds the space a rerun needs); the final name was never
+        # touched, and the run's checkpoints are still in storage for the rerun.
         shutil.rmtree(staging, ignore_errors=True)
+        raise OutputWriteError(f"could not write the adapter to {final}: {one_line(exc)}") from exc
     metadata = read_metadata(final)
+    if cfg.ray.storage_path is None:  # the adapter is in place: the run's checkpoints in the cache are not needed
+        shutil.rmtree(Path(storage) / run_config.name, ignore_errors=True)
     wall = time.perf_counter() - started
     logger.info("adapter written to %s: %d steps, loss %s, %.1f s wall (Ray Train included)", final,
                 metadata.metrics["steps"], metadata.metrics["train_loss"], wall)

@@ -1,6 +1,8 @@
 """The `sentiment-ray` command line: predict, evaluate, and the one-line errors for bad input."""
 
 import json
+import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,6 +68,13 @@ def test_evaluate_command_on_scored_output(tmp_path, capsys):
     (["predict", "hello"], "needs --adapter"),
     (["score", "--input", "{tmp}/in.parquet", "--output", "ftp://host/out", "--adapter", "{adapter}"],
      "ftp://host/out: not a path or URI this tool can read or write"),
+    (["predict", "--adapter", "{adapter}", "--threshold", "2", "hello"], "--threshold must be in [0, 1]"),
+    (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--adapter", "{adapter}",
+      "--keep-columns", "text,text"], "keep_columns names ['text'] more than once"),
+    (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--adapter", "{adapter}",
+      "--id-column", "label"], "id_column 'label' would collide with the prediction column"),
+    (["score", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out", "--adapter", "{adapter}",
+      "prompt.max_length=256"], "prompt.max_length=256 (the adapter's: 40): the adapter "),
 ])
 def test_bad_input_exits_2_with_a_one_line_message(tmp_path, random_adapter, capsys, argv, message):
     write_reviews(tmp_path / "in.parquet", ["x"], ids=["a"])
@@ -74,3 +83,67 @@ def test_bad_input_exits_2_with_a_one_line_message(tmp_path, random_adapter, cap
     err = capsys.readouterr().err
     assert message in err and err.startswith("sentiment-ray ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_during_finetune_exits_130_with_one_line(monkeypatch, capsys, tmp_path):
+    from sentiment_ray import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_finetune", interrupted)
+    code = main(["finetune", "--config", "configs/finetune/tiny_test.yaml", f"output_dir={tmp_path / 'a'}",
+                 f"data.train={tmp_path / 't.parquet'}"])
+    err = capsys.readouterr().err
+    assert code == 130 and len(err.strip().splitlines()) == 1 and err.startswith("sentiment-ray finetune: interrupted")
+
+
+@pytest.mark.parametrize("command", ["score", "predict", "export"])
+def test_an_adapter_whose_weights_do_not_match_its_config_exits_2_before_ray(command, random_adapter, tmp_path,
+                                                                             capsys, ray_must_not_start):
+    """LoRA rank 4 weights with `r: 8` in adapter_config.json: one line naming the file, not peft's size mismatch
+    from inside the actors."""
+    import json
+    import shutil
+
+    adapter = shutil.copytree(random_adapter, tmp_path / "adapter")
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "r": 8}))
+    write_reviews(tmp_path / "in.parquet", ["x"], ids=["a"])
+    argv = {"score": ["score", "--input", f"{tmp_path}/in.parquet", "--output", f"{tmp_path}/out"],
+            "predict": ["predict", "hello"], "export": ["export", "--output", f"{tmp_path}/out"]}[command]
+    assert main([*argv, "--adapter", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sentiment-ray {command}: error: {adapter}/adapter_model.safetensors: LoRA rank 4 weights")
+    assert f"but {config} says r: 8" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_during_finetune_exits_143_with_one_line_and_the_handler_is_put_back(monkeypatch, capsys, tmp_path):
+    """SIGTERM (KubeRay, `ray job stop`) ends a command as Ctrl-C does, also after ray.init has installed Ray's own
+    SIGTERM handler (sys.exit(15), no word of what to do next) in between."""
+    import os
+    import signal
+
+    from sentiment_ray import train
+    from sentiment_ray.signals import keep_sigterm_handler
+
+    @keep_sigterm_handler()
+    def ray_init():  # what ray.init does to SIGTERM
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    def terminated(*args, **kwargs):
+        ray_init()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises in this frame at once
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train, "run_finetune", terminated)
+    code = main(["finetune", "--config", "configs/finetune/tiny_test.yaml", f"output_dir={tmp_path / 'a'}",
+                 f"data.train={tmp_path / 't.parquet'}"])
+    err = capsys.readouterr().err
+    assert code == 143 and err.strip().splitlines() == [
+        "sentiment-ray finetune: terminated (SIGTERM); rerun with the same ray.run_name and ray.storage_path to "
+        "continue from the last checkpoint (without ray.run_name the run starts over)"]
+    assert signal.getsignal(signal.SIGTERM) is before

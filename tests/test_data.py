@@ -1,13 +1,19 @@
+import urllib.parse
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sentiment_ray.config import ScoreConfig
 from sentiment_ray.data import (
     InputError,
+    input_matches,
+    is_pattern,
     load_labeled_parquet,
     resolve_parquet_files,
     text_values,
 )
+from sentiment_ray.scoring.plan import check_inputs
 from sentiment_ray.train_data import rows_fingerprint
 from tests.conftest import write_reviews
 
@@ -142,3 +148,40 @@ def test_text_values_read_string_and_binary_columns_without_failing_on_bad_bytes
     assert text_values(pa.array(raw, pa.large_binary())) == expected
     assert text_values(pa.DictionaryArray.from_arrays(pa.array([1, 0, None]), strings)) == ["bad \udcff", "ok", None]
     assert text_values(pa.array([3, None])) == [3, None]  # not text at all: non_string_text downstream
+
+
+def test_a_path_that_exists_is_read_as_itself_whatever_its_name_holds(tmp_path):
+    """`reviews [2024].parquet` is that file, not a pattern matching `reviews 2.parquet`; only a path that does
+    not exist is expanded."""
+    asked = write_reviews(tmp_path / "reviews [2024].parquet", [f"r{i}" for i in range(30)])
+    write_reviews(tmp_path / "reviews 2.parquet", [f"s{i}" for i in range(50)])
+    starred = write_reviews(tmp_path / "a*b?.parquet", ["x"])
+    assert resolve_parquet_files(str(asked)) == [str(asked)]
+    uri = "file://" + urllib.parse.quote(str(asked))  # `[`, `]` and spaces are escaped in a URI
+    assert resolve_parquet_files(uri) == [uri] and not is_pattern(uri)
+    assert resolve_parquet_files(str(starred)) == [str(starred)]
+    assert is_pattern(str(tmp_path / "reviews [2]*.parquet")) and not is_pattern(str(asked))
+    assert input_matches(str(tmp_path / "reviews [2]*.parquet")) == [str(tmp_path / "reviews 2.parquet")]
+    assert pq.read_table(resolve_parquet_files(str(asked))[0]).num_rows == 30
+    plan_inputs = check_inputs(ScoreConfig(input=str(asked), output=str(tmp_path / "scored")).validate())
+    assert plan_inputs.paths == [str(asked)] and plan_inputs.rows_in == 30  # the 30 rows asked for are scored
+
+
+def test_an_output_that_an_input_pattern_would_match_is_refused(tmp_path):
+    from sentiment_ray.outputs import OutputExistsError, refuse_overlap
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_reviews(data / "a.parquet", ["x"])
+    (tmp_path / "link").symlink_to(data)
+    for output, pattern in ((data / "scored.parquet", data / "*.parquet"),
+                            (data / "new" / "scored", tmp_path / "link" / "**" / "*.parquet"),
+                            (data / "2025" / "out", data / "20*"),
+                            (tmp_path / "out", tmp_path / "o*" / "x" / "*.parquet")):
+        with pytest.raises(OutputExistsError, match=rf"^output {output} is matched by the score input pattern "):
+            refuse_overlap(output, [str(pattern)], "score input")
+    refuse_overlap(data / "scored", [str(data / "*.parquet")], "score input")  # a folder beside the files: fine
+    refuse_overlap(tmp_path / "out", [str(data / "**" / "*.parquet")], "score input")
+    # a name with glob characters that exists is that file: the folder beside it is no match
+    write_reviews(tmp_path / "r[1].parquet", ["x"])
+    refuse_overlap(tmp_path / "r1.parquet", [str(tmp_path / "r[1].parquet")], "score input")

@@ -296,9 +296,13 @@ def test_evaluate_writes_metrics_and_plots(example, tmp_path):
     assert metrics["roc_auc"] == pytest.approx(14 / 16)
     assert metrics["n_unscored"] == 0
     assert metrics["scored_path"] == str(scored_dir) and metrics["labels_path"] == str(labels)
-    assert json.loads((out / "metrics.json").read_text()) == metrics
+    written = json.loads((out / "metrics.json").read_text())
+    # metrics.json lists every file of the output: all that a later --overwrite may delete
+    assert written.pop("files_written") == sorted(p.name for p in out.iterdir())
+    assert written == metrics
     for name in ("confusion_matrix.png", "score_histogram.png", "reliability.png", "roc_curve.png"):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+    assert not list(tmp_path.glob(".eval*"))  # no staging folder left beside it
     # Calibration beside the accuracy: the values of sentiment_ray/calibration.py on the same rows.
     from sentiment_ray.calibration import brier_score, expected_calibration_error
 
@@ -317,11 +321,17 @@ def test_evaluate_refuses_to_overwrite(example, tmp_path):
                                                 "--overwrite to replace it$"):
         evaluate(scored_dir, labels, out)
     assert json.loads((out / "metrics.json").read_text()) == {"marker": True}
-    (out / "my-notes.txt").write_text("mine")  # beside an evaluation: kept, evaluate writes only its own files
-    evaluate(scored_dir, labels, out, overwrite=True)
+    evaluate(scored_dir, labels, out, overwrite=True)  # a marker of an earlier release: known names only
     assert json.loads((out / "metrics.json").read_text())["n"] == 8
-    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "metrics.json", "my-notes.txt",
-                                                     "reliability.png", "roc_curve.png", "score_histogram.png"]
+    (out / "my-notes.txt").write_text("mine")  # beside an evaluation: the output is no longer the tool's alone
+    with pytest.raises(OutputExistsError, match=rf"^output {out} holds 1 entry not written by sentiment-ray, e\.g\. "
+                                                r"my-notes\.txt, beside the earlier output of sentiment-ray"):
+        evaluate(scored_dir, labels, out, overwrite=True)
+    assert (out / "my-notes.txt").read_text() == "mine"
+    (out / "my-notes.txt").unlink()
+    evaluate(scored_dir, labels, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "metrics.json", "reliability.png",
+                                                     "roc_curve.png", "score_histogram.png"]
 
 
 def test_evaluate_never_writes_into_a_folder_of_other_things(example, tmp_path):
@@ -395,3 +405,23 @@ def test_format_metrics():
     # Thresholds 0.3, 0.4 and 0.8 all get 6 of 8 right: the one nearest 0.5 is reported; F1 is best at 0.3.
     assert "best threshold on these rows: accuracy 0.7500 at 0.4, F1 0.8000 at 0.3" in text
     assert "n/a" in format_metrics(compute_metrics([1, 1], [0.9, 0.8]))
+
+
+def test_ids_of_one_value_but_different_types_across_files_are_duplicates_naming_both_files(tmp_path):
+    scored = pa.table(scored_columns(["1", "2"], [0.8, 0.3]))
+    a = write_parquet(tmp_path / "labels" / "a.parquet", id=[1, 2], label=[1, 0])
+    b = write_parquet(tmp_path / "labels" / "b.parquet", id=["1"], label=[0])
+    with pytest.raises(InputError, match=rf"1 duplicate 'id' values, e\.g\. \[1 in {a} and '1' in {b}\]$"):
+        join_with_labels(scored, tmp_path / "labels")
+    mixed = pa.table(scored_columns(["2", "3"], [0.8, 0.3]))  # a scored side as strings, labels as ints: one join
+    write_parquet(tmp_path / "ints.parquet", id=[3, 2], label=[1, 0])
+    assert join_with_labels(mixed, tmp_path / "ints.parquet")[1].tolist() == [0, 1]
+
+
+def test_a_huge_id_is_quoted_short_in_an_error(tmp_path):
+    huge = "x" * 100_000
+    scored = pa.table(scored_columns([huge + str(i) for i in range(5)], [0.5] * 5))
+    labels = write_parquet(tmp_path / "labels.parquet", id=["other"], label=[1])
+    with pytest.raises(InputError) as err:
+        join_with_labels(scored, labels)
+    assert len(str(err.value)) < 1_000 and "(100003 characters)" in str(err.value)

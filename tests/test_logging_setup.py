@@ -161,3 +161,19 @@ def test_scoring_actors_log_at_the_drivers_level(random_adapter, tmp_path):
     actor_lines = [line for line in output.splitlines() if "ScoreStage" in line and "pid=" in line]
     assert any("DEBUG sentiment_ray.scoring.stages: scored a batch of" in line for line in actor_lines), output[-3000:]
     assert "INFO sentiment_ray.scoring.job: 4 rows in 1 file(s)" in result.stderr
+
+
+def test_ray_datas_errors_stay_off_the_console_and_its_info_lines_do_not():
+    """A damaged row group made Ray Data print 135 lines of tracebacks before the command's one line."""
+    import logging
+
+    from sentiment_ray.logging_setup import _ErrorsToLogFileOnly, ray_data_errors_to_log_file
+
+    ray_data_errors_to_log_file()
+    ray_data_errors_to_log_file()  # once is enough: no second filter
+    console = [h for h in logging.getLogger("ray.data").handlers if "File" not in type(h).__name__]
+    assert console and all(sum(isinstance(f, _ErrorsToLogFileOnly) for f in h.filters) == 1 for h in console)
+    error = logging.LogRecord("ray.data.x", logging.ERROR, __file__, 1, "Full stack trace", None, None)
+    info = logging.LogRecord("ray.data.x", logging.INFO, __file__, 1, "Starting execution", None, None)
+    assert [bool(h.filter(error)) for h in console] == [False] * len(console)
+    assert all(h.filter(info) for h in console)

@@ -127,3 +127,73 @@ def test_an_adapter_written_before_base_model_id_still_reads(tmp_path):
     path.write_text(json.dumps(data))
     read = read_metadata(tmp_path / "a")
     assert read.base_model_id is None and read.command is None and read.base_model == "/models/base"
+
+
+# The weights against their own adapter_config.json and the base model: read from the safetensors header and the
+# base built on the meta device, so that peft's `size mismatch` is not found inside every actor.
+
+
+def _rewrite_weights(adapter, rename):
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter / "adapter_model.safetensors"
+    save_file({rename(k): v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+
+
+def _set_adapter_config(adapter, **changes):
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_weights_of_another_rank_than_their_config_are_named(random_adapter, tmp_path):
+    from sentiment_ray.metadata import check_adapter_loadable
+
+    adapter = _copy(random_adapter, tmp_path)
+    _set_adapter_config(adapter, r=8)  # the weights are rank 4
+    with pytest.raises(AdapterError, match=rf"^{adapter}/adapter_model\.safetensors: LoRA rank 4 weights \(base_model"
+                                           rf"\.model\.model\.layers\.0\.\S+\.lora_[AB]\.weight is \[.*\]\), but "
+                                           rf"{adapter}/adapter_config\.json says r: 8 for that module; the weights "
+                                           "do not match their own config"):
+        check_adapter_loadable(adapter)
+
+
+def test_weights_for_modules_the_base_or_the_config_lacks_are_named(random_adapter, tiny_model_dir, tmp_path):
+    from sentiment_ray.metadata import check_adapter_loadable
+
+    adapter = _copy(random_adapter, tmp_path)
+    _set_adapter_config(adapter, target_modules=["q_proj", "v_proj"])  # the weights have down_proj too
+    with pytest.raises(AdapterError, match=r"holds LoRA weights for model\.layers\.0\.mlp\.down_proj, which "
+                                           r".*adapter_config\.json does not target"):
+        check_adapter_loadable(adapter)
+    _set_adapter_config(adapter, target_modules=["q_proj", "v_proj", "down_proj", "k_proj"])
+    with pytest.raises(AdapterError, match=r"has no weights for 4 LoRA matrices that .*adapter_config\.json asks "
+                                           r"for \(e\.g\. .*k_proj\.lora_A\.weight\)"):
+        check_adapter_loadable(adapter)
+    _set_adapter_config(adapter, target_modules=["q_proj", "v_proj", "down_proj"])
+    _rewrite_weights(adapter, lambda k: k.replace("layers.1.", "layers.7."))  # the tiny base has 2 layers
+    with pytest.raises(AdapterError, match=r"holds base_model\.model\.model\.layers\.7\.\S+, for module "
+                                           rf"model\.layers\.7\.\S+, which base model {tiny_model_dir} "
+                                           r"\(MistralForCausalLM\) does not have: the adapter was trained on "
+                                           "another base model; pass --base-model"):
+        check_adapter_loadable(adapter)
+    _set_adapter_config(adapter, target_modules=["qkv_proj"])
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: target_modules \['qkv_proj'\] name no module of "
+                                           "base model"):
+        check_adapter_loadable(adapter)
+
+
+def test_weights_of_another_base_models_size_are_named(random_adapter, tiny_model_dir, tmp_path):
+    """An adapter trained on a wider base: its matrices cannot fit this base's modules."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sentiment_ray.metadata import check_adapter_loadable
+
+    adapter = _copy(random_adapter, tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: torch.zeros(v.shape[0] * (2 if "lora_B" in k else 1), v.shape[1] * (2 if "lora_A" in k else 1))
+               for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=rf"^{weights}: base_model\.model\.\S+ is \[\d+, \d+\], but base model "
+                                           rf"{tiny_model_dir} makes it \[\d+, \d+\]: the adapter was trained on "
+                                           "another base model; pass --base-model with that one$"):
+        check_adapter_loadable(adapter)

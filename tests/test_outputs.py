@@ -1,4 +1,6 @@
+import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from sentiment_ray.outputs import (
     commit,
     refuse_overlap,
 )
+from sentiment_ray.ownership import FILES_KEY
 from tests.conftest import foreign_folder
 
 MARKER = "_done.json"
@@ -25,10 +28,56 @@ def test_existing_output_of_this_tool(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "part-00000.parquet").write_text("x")
-    (out / MARKER).write_text("{}")
+    (out / MARKER).write_text(json.dumps({FILES_KEY: [MARKER, "part-00000.parquet"]}))
     assert check_output_free(out, overwrite=True, marker=MARKER) == out
     with pytest.raises(OutputExistsError, match=rf"output {out} already exists; choose a new path or pass --overwrite"):
         check_output_free(out, overwrite=False, marker=MARKER)
+
+
+def test_a_marker_that_lists_no_files_vouches_only_for_the_names_the_command_writes(tmp_path):
+    """An output of a release that kept no list: its files are the tool's only by their known names."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00000.parquet").write_text("x")
+    (out / MARKER).write_text("{}")
+    assert check_output_free(out, overwrite=True, marker=MARKER, legacy={"part-00000.parquet"}) == out
+    with pytest.raises(OutputExistsError, match=rf"^output {out} holds 1 entry not written by sentiment-ray, e\.g\. "
+                                                r"part-00000\.parquet, beside the earlier output of sentiment-ray; "
+                                                rf"move it out or choose another path \(--overwrite deletes only the "
+                                                rf"files that {MARKER} lists\)$"):
+        check_output_free(out, overwrite=True, marker=MARKER)
+
+
+@pytest.mark.parametrize("extra", ["NOTES.md", ".env", "plots/roc.png", "empty/", ".git/config"])
+def test_anything_beside_the_listed_files_is_refused_whatever_the_flags(tmp_path, extra):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps({FILES_KEY: [MARKER]}))
+    (out / extra).parent.mkdir(parents=True, exist_ok=True)
+    if extra.endswith("/"):
+        (out / extra).mkdir()
+    else:
+        (out / extra).write_text("mine")
+    before = _contents(out)
+    shown = extra.split("/")[0] + ("/" if "/" in extra else "")
+    for overwrite in (True, False):
+        with pytest.raises(OutputExistsError, match=rf"holds 1 entry not written by sentiment-ray, e\.g\. "
+                                                    rf"{re.escape(shown)}, beside"):
+            check_output_free(out, overwrite=overwrite, marker=MARKER)
+    assert _contents(out) == before and (out / extra.rstrip("/")).exists()
+
+
+def test_a_folder_holding_only_dot_files_is_not_empty(tmp_path):
+    out = tmp_path / "out"
+    (out / ".git").mkdir(parents=True)
+    (out / ".git" / "HEAD").write_text("ref: main")
+    (out / ".env").write_text("TOKEN=secret")
+    before = _contents(out)
+    for overwrite in (True, False):
+        with pytest.raises(OutputExistsError, match=rf"^output {out} holds 2 entries not written by sentiment-ray, "
+                                                    r"e\.g\. \.env, \.git/; choose another path"):
+            check_output_free(out, overwrite=overwrite, marker=MARKER)
+    assert _contents(out) == before
 
 
 @pytest.mark.parametrize("flags", [dict(overwrite=True, resume=False), dict(overwrite=False, resume=True),
@@ -157,10 +206,10 @@ def test_commit_reports_an_old_output_it_could_not_delete(tmp_path, monkeypatch,
     staging = tmp_path / ".out.tmp-1"
     staging.mkdir()
 
-    def refuses(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
+    def refuses(found, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", found.folder.path)
 
-    monkeypatch.setattr(outputs.shutil, "rmtree", refuses)
+    monkeypatch.setattr(outputs, "delete_own", refuses)
     with caplog.at_level(logging.WARNING, logger="sentiment_ray.outputs"):
         commit(staging, final, overwrite=True, marker=MARKER)
     (old,) = tmp_path.glob(".out.old-*")

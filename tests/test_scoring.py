@@ -84,6 +84,15 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     assert sum(a.busy_seconds for a in stage.per_actor) == pytest.approx(stage.busy_seconds, abs=0.01)
     for actor in stage.per_actor:
         assert 0 < actor.first_batch_offset < actor.last_batch_offset < summary.seconds
+        # each actor had its model loaded before its first batch, and ran the config's forward
+        assert 0 < actor.load_seconds < actor.ready_offset <= actor.first_batch_offset and actor.forward == "eager"
+    # The timeline: every step of the run, increasing, in seconds from the call, ending with the commit.
+    steps = summary.timeline.steps()
+    assert [name for name, _ in steps] == ["ray_ready", "pipeline_started", "scoring_actor_ready", "first_batch",
+                                           "last_batch", "committed"]
+    assert all(a < b for (_, a), (_, b) in zip(steps, steps[1:])) and steps[0][1] > 0
+    assert summary.timeline.scoring_actor_ready == pytest.approx(
+        summary.timeline.pipeline_started + min(a.ready_offset for a in stage.per_actor), abs=0.01)
     assert ScoreManifest.from_json((out / MANIFEST_FILE).read_text(), str(out)).score_stage == stage
     # Written in place, one fragment per work unit's rows (or a few when a unit's rows reached the sink in
     # several writes), named so that file-name order is input order; nothing hidden is left behind.
@@ -285,3 +294,31 @@ def test_the_id_column_is_id_when_the_files_have_it_else_derived_and_a_named_one
         rule(tmp_path / "no-id.parquet", "id_column=id")  # named explicitly: no silent switch to derived ids
     with pytest.raises(InputError, match=r"no-id\.parquet: no id column 'review_id'.*but .*other\.parquet has one"):
         rule(tmp_path / "*.parquet", "id_column=review_id")
+
+
+def test_an_input_replaced_after_the_plan_was_written_is_named_even_with_its_size_and_time_kept(tmp_path):
+    """`cp -p` of another file of the same size keeps size and modification time: the footer digest differs."""
+    import os
+
+    from sentiment_ray.scoring.plan import ScorePlan, check_inputs, make_plan
+
+    path = write_reviews(tmp_path / "in.parquet", ["good movie", "bad one"], ids=["x", "y"])
+    cfg = load_config(ScoreConfig, None, [f"input={path}", f"output={tmp_path / 'out'}"])
+    recorded = ScorePlan.from_json(make_plan(cfg, check_inputs(cfg), None, {}).to_json())
+    before = os.stat(path)
+    write_reviews(tmp_path / "other.parquet", ["good movif", "bad onf"], ids=["x", "y"])
+    shutil.copyfile(tmp_path / "other.parquet", path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size
+    (changed,) = recorded.changed_settings(make_plan(cfg, check_inputs(cfg), None, {}))
+    assert changed == (f"inputs ({path} changed since the plan was written: its content (same size and modification "
+                       "time, another Parquet footer))")
+    write_reviews(path, ["a", "b", "c"], ids=["x", "y", "z"])
+    (changed,) = recorded.changed_settings(make_plan(cfg, check_inputs(cfg), None, {}))
+    assert changed.startswith(f"inputs ({path} changed since the plan was written: rows 2 -> 3, bytes ")
+    legacy = ScorePlan.from_json(recorded.to_json())  # a plan of an earlier version had no footer digest
+    for record in legacy.settings["inputs"]:
+        del record["footer_sha256"]
+    write_reviews(path, ["good movie", "bad one"], ids=["x", "y"])
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert legacy.changed_settings(make_plan(cfg, check_inputs(cfg), None, {})) == []

@@ -89,12 +89,15 @@ def test_resume_if_exists_resumes_what_an_earlier_run_left_and_starts_where_it_l
     (finished / PART).write_text("x")
     (finished / MANIFEST_FILE).write_text("{}")
     assert state(finished) is OutputState.FINISHED
-    # Fragments whose plan is gone cannot be checked against this run: refused, as with --resume.
+    # Fragments with neither plan nor manifest: no record of the tool vouches for them, so they count as
+    # someone else's, whatever the flags.
     orphans = tmp_path / "orphans"
     orphans.mkdir()
     (orphans / PART).write_text("x")
-    with pytest.raises(OutputExistsError, match="there is nothing to resume; choose a new path or pass --overwrite"):
-        state(orphans)
+    for flags in (dict(resume_if_exists=True), dict(overwrite=True)):
+        with pytest.raises(OutputExistsError, match=rf"holds 1 entry not written by sentiment-ray, e\.g\. {PART}; "):
+            open_score_output(str(orphans), **{"overwrite": False, "resume": False, **flags})
+    assert _contents(orphans) == {PART: b"x"}
     with pytest.raises(OutputExistsError, match="not both"):
         open_score_output(str(finished), overwrite=True, resume=False, resume_if_exists=True)
     assert _contents(unfinished) == {PLAN_FILE: b"{}", PART: b"x"}  # opening changes nothing

@@ -240,7 +240,14 @@ def test_inputs_without_an_id_column_get_stable_derived_ids(ray_session, random_
     assert first.ids.startswith("derived")
 
 
-def test_unreadable_files_fail_the_job_or_are_skipped_and_reported(ray_session, random_adapter, tmp_path):
+def _without_harness_logging_errors(console: str) -> str:
+    """In-process runs under pytest: a logging handler set up by an earlier test may still hold a capture stream
+    pytest has closed, and the report logging prints of that ("--- Logging error ---", a traceback, the record)
+    is the harness's, not the job's."""
+    return re.sub(r"--- Logging error ---.*?Arguments: \(.*?\)\n", "", console, flags=re.S)
+
+
+def test_unreadable_files_fail_the_job_or_are_skipped_and_reported(ray_session, random_adapter, tmp_path, capfd):
     folder = tmp_path / "in"
     folder.mkdir()
     write_reviews(folder / "good.parquet", ["fine", "nice"], ids=["a", "b"])
@@ -255,8 +262,12 @@ def test_unreadable_files_fail_the_job_or_are_skipped_and_reported(ray_session, 
     with pytest.raises(InputError, match=r"broken\.parquet: not a readable Parquet file"):
         run_scoring(_config(random_adapter, folder, tmp_path / "strict"))
     (folder / "broken.parquet").rename(tmp_path / "broken.parquet")
+    capfd.readouterr()
     with pytest.raises(InputError, match=r"damaged\.parquet rows 0-49: unreadable"):
         run_scoring(_config(random_adapter, folder, tmp_path / "strict"))
+    console = capfd.readouterr().err  # the command reports the error in one line; Ray Data's log has the rest
+    console = _without_harness_logging_errors(console)
+    assert "Traceback" not in console and "Full stack trace" not in console, console[-3000:]
     (tmp_path / "broken.parquet").rename(folder / "broken.parquet")
 
     out = tmp_path / "lenient"
@@ -356,12 +367,19 @@ def test_a_job_run_again_with_resume_if_exists_finishes_the_first_runs_work(ray_
                str(random_adapter), "--input", str(folder), "--output", str(out), "--resume-if-exists",
                "model.dtype=float32", "unit_rows=64"]
 
-    def driver_dies_before_commit(*args, **kwargs):
-        raise KeyboardInterrupt("driver gone")
+    def driver_gets_sigterm_before_commit(*args, **kwargs):  # what KubeRay and `ray job stop` send
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the CLI's handler raises in this frame at once
+        raise AssertionError("SIGTERM did not stop the run")
 
-    monkeypatch.setattr(job, "check_committed", driver_dies_before_commit)
-    assert main(command) == 130  # the first run: nothing there yet, so it starts; then its driver dies
+    monkeypatch.setattr(job, "check_committed", driver_gets_sigterm_before_commit)
+    assert main(command) == 143  # the first run: nothing there yet, so it starts; then its driver is stopped
     monkeypatch.undo()
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("sentiment-ray ")] == [
+        "sentiment-ray score: terminated (SIGTERM); the work units committed so far are kept: rerun the same "
+        "command with --resume to continue"]
+    assert signal.getsignal(signal.SIGTERM) is not None and "sentiment_ray" not in repr(signal.getsignal(
+        signal.SIGTERM))  # the CLI put back the handler it found
     first = {r["id"]: r["score"] for r in pq.read_table(out, columns=["id", "score"]).to_pylist()}
     assert len(first) == 400 and not (out / MANIFEST_FILE).exists()
     units = ScorePlan.from_json((out / PLAN_FILE).read_text()).units
@@ -390,3 +408,33 @@ def test_a_job_run_again_with_resume_if_exists_finishes_the_first_runs_work(ray_
     assert main([*command, "--keep-columns", "text"]) == 2  # other settings: never overwritten silently
     assert "is complete, but it was scored from other keep_columns" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == finished
+
+
+def test_a_full_disk_stops_score_with_one_line_exit_1_and_resume_finishes_it(ray_session, random_adapter, reviews,
+                                                                             reference, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The disk fills after 3 fragments (a write raises ENOSPC inside a Ray Data write task): one line naming the
+    file and the error, exit 1, no manifest and no half-written file; `--resume` with space back finishes it."""
+    from sentiment_ray.cli import main
+    from sentiment_ray.faults import DISK_FULL_AFTER_FRAGMENTS
+
+    out = tmp_path / "scored"
+    command = ["score", "--config", str(REPO_ROOT / "configs" / "score" / "tiny_test.yaml"), "--adapter",
+               str(random_adapter), "--input", str(reviews), "--output", str(out), "model.dtype=float32",
+               "unit_rows=256"]
+    monkeypatch.setenv(DISK_FULL_AFTER_FRAGMENTS, "3")
+    assert main(command) == 1
+    err = _without_harness_logging_errors(capsys.readouterr().err)
+    ours = [line for line in err.splitlines() if line.startswith("sentiment-ray ")]
+    assert len(ours) == 1 and re.fullmatch(
+        rf"sentiment-ray score: error: could not write {out}/part-\d+-\d+-\d+\.parquet: \[Errno 28\] No space left "
+        r"on device \(injected: \w+\); the work units committed so far are kept: rerun the same command with "
+        "--resume to continue", ours[0]), ours
+    assert "Traceback" not in err
+    assert (out / PLAN_FILE).exists() and not (out / MANIFEST_FILE).exists()  # unfinished, so resumable
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    assert 3 <= len(_fragments(out)) < 9
+
+    monkeypatch.delenv(DISK_FULL_AFTER_FRAGMENTS)  # space is back
+    assert main([*command, "--resume"]) == 0
+    _assert_same_as_reference(out, reference)

@@ -341,6 +341,9 @@ def test_object_store_outputs_follow_the_local_rules(tmp_path, s3_folder, bucket
         refuse_overlap("s3://sr-other/", [str(tmp_path)], "training data")
 
 
+OLD_NAMES = ("mark.json", "weights.bin", "old-only.txt")  # what the command wrote in a release that listed nothing
+
+
 def test_upload_output_replaces_only_its_own_output_and_marks_an_unfinished_upload(tmp_path, s3_folder):
     out = s3_folder.join("adapter")
     first = tmp_path / "first"
@@ -355,13 +358,17 @@ def test_upload_output_replaces_only_its_own_output_and_marks_an_unfinished_uplo
     second.mkdir()
     (second / "weights.bin").write_bytes(b"new weights")
     (second / "mark.json").write_text('{"new": true}')
+    # a marker of an earlier release (no list): only the names the command writes are its own
+    with pytest.raises(OutputExistsError, match=rf"^output {out.uri} holds 2 entries not written by sentiment-ray, "
+                                                r"e\.g\. old-only\.txt, weights\.bin, beside"):
+        upload_output(second, out, overwrite=True, marker="mark.json")
     with pytest.raises(OutputExistsError, match=rf"^output {out.uri} appeared while this run was writing; result "
                                                 rf"kept in {second}$"):
-        upload_output(second, out, overwrite=False, marker="mark.json")
+        upload_output(second, out, overwrite=False, marker="mark.json", legacy=OLD_NAMES)
     with pytest.raises(OutputExistsError, match=rf"^output {out.uri} already exists; choose a new path or pass "
                                                 "--overwrite to replace it$"):
-        check_output_location_free(out.uri, overwrite=False, marker="mark.json")
-    upload_output(second, out, overwrite=True, marker="mark.json")
+        check_output_location_free(out.uri, overwrite=False, marker="mark.json", legacy=OLD_NAMES)
+    upload_output(second, out, overwrite=True, marker="mark.json", legacy=OLD_NAMES)
     assert {f.name: f.read_bytes() for f in out.list_files()} == {"mark.json": b'{"new": true}',
                                                                   "weights.bin": b"new weights"}
 
@@ -370,8 +377,17 @@ def test_upload_output_replaces_only_its_own_output_and_marks_an_unfinished_uplo
     out.join(UPLOAD_MARKER).write_bytes(b"")
     with pytest.raises(OutputExistsError, match=rf"^output {out.uri} holds an unfinished upload of an earlier run; "
                                                 "choose a new path or pass --overwrite to replace it$"):
-        check_output_location_free(out.uri, overwrite=False, marker="mark.json")
-    assert check_output_location_free(out.uri, overwrite=True, marker="mark.json") == out
+        check_output_location_free(out.uri, overwrite=False, marker="mark.json", legacy=OLD_NAMES)
+    assert check_output_location_free(out.uri, overwrite=True, marker="mark.json", legacy=OLD_NAMES) == out
+    upload_output(second, out, overwrite=True, marker="mark.json", legacy=OLD_NAMES)
+    assert [f.name for f in out.list_files()] == ["mark.json", "weights.bin"]
+    # an upload killed now lists what it was replacing and writing: a rerun may delete those, and only those
+    out.join("mark.json").delete()
+    out.join(UPLOAD_MARKER).write_bytes(json.dumps({"files_written": ["mark.json", "weights.bin"]}).encode())
+    out.join("user.txt").write_bytes(b"mine")
+    with pytest.raises(OutputExistsError, match=r"holds 1 entry not written by sentiment-ray, e\.g\. user\.txt"):
+        check_output_location_free(out.uri, overwrite=True, marker="mark.json")
+    out.join("user.txt").delete()
     upload_output(second, out, overwrite=True, marker="mark.json")
     assert [f.name for f in out.list_files()] == ["mark.json", "weights.bin"]
 
@@ -414,7 +430,9 @@ def test_evaluate_reads_scored_output_and_labels_from_s3(tmp_path, s3_folder):
     # truth r0..r5 = 1,1,0,1,0,0; predicted (>= 0.5) = 1,1,0,1,0,0
     assert (metrics["n"], metrics["n_positive"], metrics["accuracy"], metrics["roc_auc"]) == (6, 3, 1.0, 1.0)
     assert (metrics["scored_path"], metrics["labels_path"]) == (scored, labels)
-    assert json.loads((tmp_path / "eval" / METRICS_FILE).read_text()) == metrics
+    written = json.loads((tmp_path / "eval" / METRICS_FILE).read_text())
+    assert written.pop("files_written") == sorted(p.name for p in (tmp_path / "eval").iterdir())
+    assert written == metrics
 
 
 def test_evaluate_writes_its_output_to_s3(tmp_path, s3_folder):
@@ -432,7 +450,9 @@ def test_evaluate_writes_its_output_to_s3(tmp_path, s3_folder):
     metrics = evaluate(scored, labels, out.uri)
     assert sorted(f.name for f in out.list_files()) == sorted(
         [CONFUSION_PLOT, METRICS_FILE, RELIABILITY_PLOT, ROC_PLOT, HISTOGRAM_PLOT])
-    assert json.loads(out.join(METRICS_FILE).read_text()) == metrics and metrics["accuracy"] == 1.0
+    written = json.loads(out.join(METRICS_FILE).read_text())
+    assert written.pop("files_written") == sorted(f.name for f in out.list_files())
+    assert written == metrics and metrics["accuracy"] == 1.0
     assert out.join(CONFUSION_PLOT).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(OutputExistsError, match=rf"^output {out.uri} already exists; choose a new path or pass "
                                                 "--overwrite"):

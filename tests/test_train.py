@@ -14,6 +14,7 @@ from sentiment_ray.data import InputError
 from sentiment_ray.metadata import METADATA_FILE, read_metadata
 from sentiment_ray.outputs import OutputExistsError, OutputNotWritableError
 from sentiment_ray.scorer import SentimentScorer
+from sentiment_ray.signals import Terminated
 from sentiment_ray.tiny_model import synthetic_reviews
 from sentiment_ray.train import load_training_rows, run_finetune
 from tests.conftest import REPO_ROOT, write_reviews
@@ -191,3 +192,115 @@ def test_padding_free_is_refused_when_auto_picks_the_hf_backend(tiny_model_dir, 
                   "train.padding_free=true")
     with pytest.raises(ConfigError, match=r"^train\.padding_free needs model\.backend unsloth"):
         build_trainer(cfg, ["good"], [1], str(tmp_path / "work"))
+
+
+def test_without_storage_path_checkpoints_go_to_the_cache_and_are_removed_on_success(trained):
+    from pathlib import Path
+
+    from sentiment_ray.embedded_model import cache_dir
+    from sentiment_ray.train import DEFAULT_CHECKPOINTS_DIR
+
+    assert trained[1].ray.storage_path is None
+    for storage in (cache_dir() / DEFAULT_CHECKPOINTS_DIR, Path.home() / "ray_results"):
+        left = sorted(p.name for p in storage.glob("sentiment-ray-finetune-*")) if storage.exists() else []
+        assert left == [], f"{storage} still holds the checkpoints of {left}"
+
+
+def test_ctrl_c_during_training_asks_the_run_to_stop_and_raises_keyboard_interrupt():
+    import signal
+    from types import SimpleNamespace
+
+    from ray.train.torch import TorchTrainer
+
+    from sentiment_ray.train import interrupt_handler
+
+    assert hasattr(TorchTrainer, "_register_sigint_handler")  # the hook our trainer overrides is still Ray's
+    stopped = []
+    handler = interrupt_handler(SimpleNamespace(abort=SimpleNamespace(remote=lambda: stopped.append(True))))
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            handler(signal.SIGINT, None)
+        assert not isinstance(caught.value, Terminated)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a second Ctrl-C stops at once
+        # SIGTERM (KubeRay, `ray job stop`) the same way; the CLI then ends with exit 143 instead of 130
+        with pytest.raises(Terminated):
+            handler(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM ends the process at once
+    finally:
+        for signum, previous_handler in previous.items():
+            signal.signal(signum, previous_handler)
+    assert stopped == [True, True]
+
+
+def test_a_user_error_in_a_training_worker_is_not_retried_and_reaches_the_driver_as_itself():
+    """The driver's checks come first; this is for what only a worker can find: Ray Train would otherwise restart
+    the workers ray.max_failures times to meet the same error."""
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from sentiment_ray.train import user_error_inside, user_errors_not_retried
+
+    def failed(error):
+        return WorkerGroupError("worker 0 failed", {0: UserExceptionWithTraceback(error, "Traceback ...")})
+
+    policy = user_errors_not_retried(FailureConfig(max_failures=2))
+    bad_row = failed(InputError("train.parquet row 3: no text"))
+    assert policy.make_decision(bad_row) is FailureDecision.RAISE
+    assert str(user_error_inside(bad_row)) == "train.parquet row 3: no text"
+    crash = failed(RuntimeError("CUDA error: an illegal memory access"))
+    assert policy.make_decision(crash) is FailureDecision.RETRY  # not the user's: retried as before
+    assert user_error_inside(crash) is None
+
+
+def test_target_modules_the_base_does_not_have_are_refused_before_ray_starts(tiny_model_dir, synthetic_train_file,
+                                                                              tmp_path, ray_must_not_start):
+    """Inside the workers this is peft's NoMatchingPeftModuleError, retried by Ray Train before the command fails."""
+    with pytest.raises(ConfigError, match=rf"^lora\.target_modules: qkv_proj, Wqkv are not a module of base model "
+                                          rf"{tiny_model_dir} \(MistralForCausalLM\); modules LoRA can adapt there: "
+                                          "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, "
+                                          "up_proj, v_proj$"):
+        run_finetune(_config(tiny_model_dir, synthetic_train_file, tmp_path / "adapter",
+                             "lora.target_modules=[q_proj, qkv_proj, Wqkv]"))
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_full_disk_while_the_adapter_is_written_is_one_line_exit_1_and_leaves_nothing(
+        tiny_model_dir, synthetic_train_file, tmp_path, monkeypatch, capsys):
+    """The run trained (its checkpoints are in Ray Train's storage), then the disk fills while the adapter is
+    copied out: nothing under output_dir, no half-copied staging folder, and one line naming both."""
+    import errno
+    from types import SimpleNamespace
+
+    from sentiment_ray import ray_cluster, train, train_data
+    from sentiment_ray.cli import main
+
+    def copy_until_the_disk_is_full(folder):
+        (Path(folder) / "adapter_model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Trained:  # a TorchTrainer whose run finished
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            return SimpleNamespace(error=None, checkpoint=SimpleNamespace(to_directory=copy_until_the_disk_is_full))
+
+    monkeypatch.setattr(ray_cluster, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(ray_cluster, "check_requests_fit", lambda requests: None)
+    monkeypatch.setattr(train_data, "worker_datasets", lambda training, cfg: {})
+    monkeypatch.setattr(train, "_interruptible_trainer_class", lambda: Trained)
+    out = tmp_path / "models" / "adapter"
+    code = main(["finetune", "--config", str(REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml"),
+                 f"model.name_or_path={tiny_model_dir}", f"data.train={synthetic_train_file}", f"output_dir={out}",
+                 f"ray.storage_path={tmp_path / 'storage'}", "ray.run_name=full-disk"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == (
+        f"sentiment-ray finetune: error: could not write the adapter to {out}: [Errno 28] No space left on device; "
+        "rerun with the same ray.run_name and ray.storage_path to continue from the last checkpoint (without "
+        "ray.run_name the run starts over)")
+    assert [line for line in err if line.startswith("sentiment-ray ")] == [err[-1]]
+    assert list(out.parent.iterdir()) == []  # neither the adapter nor a hidden staging folder

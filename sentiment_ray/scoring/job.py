@@ -14,12 +14,12 @@ import time
 import uuid
 
 from sentiment_ray.config import ScoreConfig, to_dict
-from sentiment_ray.data import InputError
+from sentiment_ray.data import InputError, one_line
 from sentiment_ray.faults import FaultPlan
 from sentiment_ray.logging_setup import level_for_workers
 from sentiment_ray.outputs import OutputExistsError, refuse_overlap
-from sentiment_ray.run_lock import RunLock
-from sentiment_ray.scoring.manifest import ScoreManifest, UnitCounts
+from sentiment_ray.run_lock import RunLock, StoreRunLock
+from sentiment_ray.scoring.manifest import ScoreManifest, Timeline, UnitCounts
 from sentiment_ray.scoring.output import (
     OutputState,
     ScoreOutput,
@@ -45,7 +45,7 @@ from sentiment_ray.scoring.stages import (
     run_ledger,
     unit_datasource,
 )
-from sentiment_ray.storage import location
+from sentiment_ray.storage import OutputWriteError, location
 
 logger = logging.getLogger(__name__)
 
@@ -83,20 +83,51 @@ def resolve_model(cfg: ScoreConfig) -> ScoringModel:
     return ScoringModel(adapter, sha, identity, model, cfg.prompt.to_dict(), 0.5 if threshold is None else threshold)
 
 
-def run_scoring(cfg: ScoreConfig) -> ScoreManifest:
+@dataclasses.dataclass(frozen=True)
+class PipelineMilestones:
+    """Wall-clock times of the pipeline's start-up, for the manifest's timeline."""
+
+    ray_ready: float
+    pipeline_started: float
+    scoring_actor_ready: float | None
+
+
+def run_scoring(cfg: ScoreConfig, started_at: float | None = None) -> ScoreManifest:
     """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume` or `cfg.resume_if_exists`);
-    returns the manifest.
-    One run at a time per local output (sentiment_ray/run_lock.py)."""
-    with RunLock.for_output(cfg.output):
-        return _score(cfg)
+    returns the manifest. `started_at`: the command's start (time.time()), which the manifest's timeline counts
+    from; by default this call.
+    One run at a time per output, however it is spelled (sentiment_ray/run_lock.py)."""
+    started_at = time.time() if started_at is None else started_at
+    with RunLock.for_output(cfg.output) as lock:
+        return _score(cfg, started_at, lock)
 
 
-def _score(cfg: ScoreConfig) -> ScoreManifest:
+def _timeline(started_at: float, milestones: PipelineMilestones | None, activity: StageActivity | None,
+              committed: float) -> Timeline:
+    def since_start(wall: float | None) -> float | None:
+        return None if wall is None else round(wall - started_at, 3)
+
+    first = last = None
+    if milestones and activity and activity.per_actor:  # the actors' offsets count from the pipeline's start
+        first = milestones.pipeline_started + min(a.first_batch_offset for a in activity.per_actor)
+        last = milestones.pipeline_started + max(a.last_batch_offset for a in activity.per_actor)
+    return Timeline(ray_ready=since_start(milestones and milestones.ray_ready),
+                    pipeline_started=since_start(milestones and milestones.pipeline_started),
+                    scoring_actor_ready=since_start(milestones and milestones.scoring_actor_ready),
+                    first_batch=since_start(first), last_batch=since_start(last), committed=since_start(committed))
+
+
+def _score(cfg: ScoreConfig, started_at: float, lock: RunLock | StoreRunLock | None = None) -> ScoreManifest:
     # Every check before open_score_output, which with --overwrite deletes the earlier output.
     inputs = check_inputs(cfg)
     refuse_overlap(cfg.output, [cfg.input, *inputs.paths], "score input")
     scoring_model = resolve_model(cfg)
-    output = open_score_output(cfg.output, cfg.overwrite, cfg.resume, cfg.resume_if_exists)
+    # A fresh run (or one with --overwrite, which deletes the earlier output) connects to Ray once the output is
+    # known to be free and before it is touched, to refuse what no node can hold first; a resume connects only if
+    # rows are left.
+    connected: list[float] = []
+    output = open_score_output(cfg.output, cfg.overwrite, cfg.resume, cfg.resume_if_exists,
+                               before_writing=lambda: connected.append(_connect_ray(cfg)))
     plan = make_plan(cfg, inputs, scoring_model.identity, scoring_model.model, scoring_model.threshold)
     if output.state is OutputState.FINISHED:
         return _already_finished(output, plan)
@@ -107,14 +138,19 @@ def _score(cfg: ScoreConfig) -> ScoreManifest:
                 len(inputs.files), len(plan.units), len(plan.units) - units_run, output.folder)
     started = time.perf_counter()
     written: dict[str, dict] = {}
-    activity = None
+    activity = milestones = None
     if pending:
-        written, activity = _run_pipeline(cfg, inputs, plan, pending, scoring_model, output)
+        written, activity, milestones = _run_pipeline(cfg, inputs, plan, pending, scoring_model, output,
+                                                      connected[0] if connected else _connect_ray(cfg))
     seconds = time.perf_counter() - started
+    if lock is not None:
+        lock.verify()  # a run that stalled past its lease and lost the output to another deletes and commits nothing
     committed = check_committed(output, plan.units, written)
     skipped_now = {(r["file_index"], r["start"]) for r in committed.units_skipped}  # the commit read the records
     rows_scored_now = sum(p.rows.rows for p in pending if (p.unit.file_index, p.unit.start) not in skipped_now)
-    manifest = _manifest(cfg, inputs, plan, committed, units_run, rows_scored_now, seconds, output, activity)
+    timeline = _timeline(started_at, milestones, activity, time.time())
+    manifest = _manifest(cfg, inputs, plan, committed, units_run, rows_scored_now, seconds, output, activity,
+                         timeline)
     output.manifest_file.write_bytes(manifest.to_json().encode())
     skipped = (f"; SKIPPED {committed.rows_skipped} rows in {len(committed.units_skipped)} unit(s) and "
                f"{len(inputs.unreadable)} unreadable file(s)") if committed.rows_skipped or inputs.unreadable else ""
@@ -129,6 +165,7 @@ def _score(cfg: ScoreConfig) -> ScoreManifest:
             logger.info("  scoring actor %s: %d rows in %d batches, busy %.1f s, batches from %.1f s to %.1f s "
                         "after the pipeline started", actor.actor, actor.rows, actor.batches, actor.busy_seconds,
                         actor.first_batch_offset, actor.last_batch_offset)
+    logger.info("timeline, seconds from the command's start: %s", timeline.describe())
     return manifest
 
 
@@ -154,7 +191,7 @@ def _already_finished(output: ScoreOutput, plan: ScorePlan) -> ScoreManifest:
         raise OutputExistsError(f"output {output.folder} is complete, but its manifest predates the record of its "
                                 "inputs, so --resume cannot check that it matches them; "
                                 "pass --overwrite to score again")
-    changed = [key for key, value in plan.settings.items() if recorded.get(key) != value]
+    changed = ScorePlan(recorded, plan.rows_per_unit).changed_settings(plan)  # names the input files that changed
     if changed:
         raise OutputExistsError(f"output {output.folder} is complete, but it was scored from other "
                                 f"{', '.join(changed)} than this run's; pass --overwrite to score again, or choose "
@@ -182,13 +219,19 @@ def _pending_rows(output: ScoreOutput, plan: ScorePlan) -> list[PendingRows]:
     return pending
 
 
-def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pending, scoring_model: ScoringModel,
-                  output: ScoreOutput) -> tuple[dict[str, dict], StageActivity]:
-    import ray
-
-    from sentiment_ray.ray_cluster import ensure_ray
+def _connect_ray(cfg: ScoreConfig) -> float:
+    """Ray joined or started, and the job's actors checked against its nodes; returns when (time.time())."""
+    from sentiment_ray.ray_cluster import check_requests_fit, ensure_ray, score_requests
 
     ensure_ray(cfg.ray)
+    check_requests_fit(score_requests(cfg))  # an actor no node can hold would wait with no end
+    return time.time()
+
+
+def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pending, scoring_model: ScoringModel,
+                  output: ScoreOutput, ray_ready: float) -> tuple[dict[str, dict], StageActivity, PipelineMilestones]:
+    import ray
+
     run_id = uuid.uuid4().hex
     ledger = run_ledger(run_id, output.folder.uri, pending)  # held by the driver: it lives as long as this run
     spec = ReadSpec(inputs.id_column, cfg.text_column, tuple(cfg.keep_columns), inputs.derived_ids,
@@ -204,7 +247,10 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
     dataset = dataset.map_batches(
         PrepareStage, fn_constructor_kwargs={**model_args, "fail_text": faults.fail_text},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=prepare_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=prepare_actors))
+        # Started at full size: grown by Ray Data's autoscaler from one actor, the pool was still adding tokenizers
+        # 10 s into a job whose scoring was paced by tokenizing (docs/BENCHMARKS.md §16). It may shrink to one
+        # where the cluster loses CPUs.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=prepare_actors, initial_size=prepare_actors))
     dataset = dataset.map_batches(
         ScoreStage, fn_constructor_kwargs={
             **model_args, "max_batch_tokens": cfg.max_batch_tokens,
@@ -215,7 +261,7 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
         num_gpus=cfg.num_gpus_per_actor, resources=cfg.actor_resources or None,
         compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=cfg.batches_in_flight))
     sink = fragment_datasink(output.folder.uri, inputs.schema, {p.unit_index: p.unit for p in pending},
-                             plan.rows_per_unit, ledger_name(run_id))
+                             plan.rows_per_unit, ledger_name(run_id), faults.to_dict())
     rows_to_score = sum(p.rows.rows for p in pending)
     try:
         with ProgressReporter(lambda: ray.get(ledger.rows_scored.remote(), timeout=10), rows_to_score):
@@ -227,9 +273,15 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
         user_error = _input_error_inside(exc)
         if user_error is not None:
             raise user_error from None
+        write_error = _write_error_inside(exc)
+        if write_error is not None:  # a full disk: one line, exit 1; the fragments written so far stay for --resume
+            logger.debug("a write task failed", exc_info=True)
+            raise write_error from None
         raise
     activity = ray.get(ledger.activity.remote())
-    return {w["fragment"]: w for w in sink.written}, activity
+    pipeline_started, actor_ready = ray.get(ledger.milestones.remote())
+    return ({w["fragment"]: w for w in sink.written}, activity,
+            PipelineMilestones(ray_ready, pipeline_started, actor_ready))
 
 
 def _prepare_pool(cfg: ScoreConfig, scoring_actors: int) -> tuple[int, float]:
@@ -276,9 +328,34 @@ def _input_error_inside(exc: BaseException) -> InputError | None:
     return None
 
 
+def _write_error_inside(exc: BaseException) -> OutputWriteError | None:
+    """The OutputWriteError (a full disk, a quota, a read-only filesystem) a write task raised, out of Ray's and
+    Ray Data's wrapping, as _input_error_inside finds an InputError; an OSError of that kind that reached no
+    Location.write_with is named by its errno alone."""
+    import re
+
+    from sentiment_ray.storage import WRITE_REFUSED_ERRNOS
+
+    found = re.search(r"sentiment_ray\.storage\.OutputWriteError: (.+)", str(exc))
+    if found:
+        return OutputWriteError(found.group(1).strip().splitlines()[0])
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OutputWriteError):
+            return OutputWriteError(str(current).splitlines()[0])
+        if isinstance(current, OSError) and current.errno in WRITE_REFUSED_ERRNOS:
+            return OutputWriteError(f"could not write the scored rows: {one_line(current)}")
+        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
+
+
 def _manifest(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, committed: CommittedOutput, units_run: int,
               rows_scored_now: int, seconds: float, output: ScoreOutput,
-              activity: StageActivity | None) -> ScoreManifest:
+              activity: StageActivity | None, timeline: Timeline) -> ScoreManifest:
     statuses = dict(committed.status_counts)
     return ScoreManifest(
         output=output.folder.uri,
@@ -303,4 +380,6 @@ def _manifest(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, committed:
         score_stage=activity,
         config=to_dict(cfg),
         plan_settings=plan.settings,
+        files_written=committed.files,
+        timeline=timeline,
     )

@@ -20,6 +20,26 @@ class UnitCounts:
 
 
 @dataclass(frozen=True)
+class Timeline:
+    """When this run reached each step, in seconds from the command's start (the `score` process's start; for
+    `run_scoring` called in a program, the call). Steps a run did not take (nothing left to score) are None; the
+    others increase."""
+
+    ray_ready: float | None  # connected to (or started) Ray
+    pipeline_started: float | None  # the streaming pipeline and its actor pools started
+    scoring_actor_ready: float | None  # the first scoring actor had its model loaded (and compiled)
+    first_batch: float | None  # a scoring actor began its first batch
+    last_batch: float | None  # the last batch of the run was scored
+    committed: float  # every unit checked; the manifest, the commit marker, is written now
+
+    def steps(self) -> list[tuple[str, float]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.steps())
+
+
+@dataclass(frozen=True)
 class ScoreManifest:
     output: str
     rows_in: int
@@ -41,6 +61,10 @@ class ScoreManifest:
     score_stage: StageActivity | None  # this run's scoring actors: how much of their active time went to batches
     config: dict
     plan_settings: dict | None  # what a later --resume on this finished output checks its inputs against
+    timeline: Timeline | None = None  # this run's steps in seconds from the command's start
+    # Every file of the output (relative names, this manifest included): all that a later --overwrite may delete
+    # (sentiment_ray/ownership.py). None in a manifest of an earlier release.
+    files_written: list[str] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -59,4 +83,6 @@ class ScoreManifest:
         values["units"] = UnitCounts(**{f.name: units.get(f.name) for f in dataclasses.fields(UnitCounts)})
         stage = data.get("score_stage")
         values["score_stage"] = StageActivity.from_dict(stage) if stage else None
+        timeline = data.get("timeline")
+        values["timeline"] = Timeline(**timeline) if timeline else None
         return cls(**values)

@@ -15,7 +15,11 @@ What may be done with an existing folder (the rules of sentiment_ray/outputs.py,
 - `--resume-if-exists`, for a job that may be run again with the same arguments (a retried RayJob): `--resume`
   where an earlier run left its plan or manifest, a fresh run where it left nothing (as `--resume` does too);
   the settings are checked as with `--resume`, so a changed input or setting is still refused;
-- holding anything else: refused whatever the flags; it was not written by this tool.
+- holding anything else, beside these or instead of them: refused whatever the flags; it was not written by
+  this tool. What is the tool's is decided by its records (sentiment_ray/ownership.py): a finished run's manifest
+  lists every file of the run (`files_written`); an unfinished run's plan vouches for the names a run writes
+  (fragments, skipped-unit records), as does a manifest of a release that kept no list. `--overwrite` deletes
+  exactly those files (the manifest first, the plan last), nothing else.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -32,6 +37,7 @@ from sentiment_ray.outputs import (
     check_writable,
     resolve_output,
 )
+from sentiment_ray.ownership import Survey, delete_own, survey
 from sentiment_ray.storage import Location, location
 from sentiment_ray.work_units import WorkUnit
 
@@ -39,7 +45,15 @@ PLAN_FILE = "_sentiment_ray_plan.json"
 MANIFEST_FILE = "_sentiment_ray_manifest.json"
 SKIPPED_PREFIX = "_sentiment_ray_skipped-"  # + unit name + ".json": a unit that could not be read (flag set)
 FRAGMENT_PATTERN = re.compile(r"^part-(\d{5})-(\d{12})-(\d{12})\.parquet$")
-EXAMPLES_SHOWN = 3
+_SKIPPED_PATTERN = re.compile(rf"^{re.escape(SKIPPED_PREFIX)}.+\.json$")
+_WRITE_CHECK_PATTERN = re.compile(r"^_sentiment_ray_write_check-[0-9a-f]{8}$")  # _check_writable's probe
+
+
+def is_score_file(path: str) -> bool:
+    """A name that a scoring run writes into its output (all at the top level): what an unfinished run's plan,
+    or a manifest that lists no files (an earlier release's), vouches for."""
+    return "/" not in path and (path in (PLAN_FILE, MANIFEST_FILE) or any(
+        p.match(path) for p in (FRAGMENT_PATTERN, _SKIPPED_PATTERN, _WRITE_CHECK_PATTERN)))
 
 
 def fragment_name(file_index: int, start: int, stop: int) -> str:
@@ -199,24 +213,23 @@ class ScoreOutput:
     def fragments(self) -> list[Fragment]:
         return [f for f in (Fragment.parse(c.name) for c in self.folder.children()) if f is not None]
 
+    def skipped_files(self) -> list[Location]:
+        return [c for c in self.folder.children() if c.name.startswith(SKIPPED_PREFIX)]
+
     def skipped_records(self) -> list[dict]:
-        return [json.loads(c.read_text()) for c in self.folder.children() if c.name.startswith(SKIPPED_PREFIX)]
+        return [json.loads(c.read_text()) for c in self.skipped_files()]
 
     def delete_fragments(self, fragments: list[Fragment]) -> None:
         for fragment in fragments:
             self.folder.join(fragment.name).delete(missing_ok=True)
 
 
-def _refuse_foreign(folder: Location) -> None:
-    entries = [c for c in folder.children() if not c.name.startswith(".")]  # hidden: temp files of our writes
-    foreign = [c.name for c in entries if Fragment.parse(c.name) is None
-               and c.name not in (PLAN_FILE, MANIFEST_FILE) and not c.name.startswith(SKIPPED_PREFIX)]
-    if foreign and not (folder.join(MANIFEST_FILE).is_file() or folder.join(PLAN_FILE).is_file()):
-        shown = ", ".join(name + ("/" if folder.join(name).is_dir() else "") for name in foreign[:EXAMPLES_SHOWN])
-        count = f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}"
-        raise OutputExistsError(f"output {folder} holds {count} not written by sentiment-ray, e.g. {shown}; choose "
-                                f"another path (--overwrite replaces only a folder holding {MANIFEST_FILE} or "
-                                f"{PLAN_FILE}, or an empty folder)")
+def survey_score_output(folder: Location) -> Survey:
+    """What `folder` holds, once it is known to hold nothing but scoring runs' files (see the module's doc)."""
+    found = survey(folder, MANIFEST_FILE, legacy=is_score_file, anchors=(PLAN_FILE,))
+    if found.foreign:
+        raise OutputExistsError(found.foreign_message(shown_marker=f"{MANIFEST_FILE} or {PLAN_FILE},"))
+    return found
 
 
 def _check_writable(folder: Location) -> None:
@@ -232,11 +245,15 @@ def _check_writable(folder: Location) -> None:
                                      "choose a writable location") from None
 
 
-def open_score_output(output: str, overwrite: bool, resume: bool, resume_if_exists: bool = False) -> ScoreOutput:
+def open_score_output(output: str, overwrite: bool, resume: bool, resume_if_exists: bool = False,
+                      before_writing: Callable[[], None] | None = None) -> ScoreOutput:
     """Decide what this run may do with `output` (see the module's doc); refusals name the flag to pass.
 
     `resume_if_exists` (for retried jobs): `resume` on an earlier run's output, a fresh run where there is none,
-    also where a run was killed before its plan was written, leaving only a hidden temporary file."""
+    also where a run was killed before its plan was written, leaving only a hidden temporary file.
+    `before_writing`: the caller's last checks, run once this output is known to be free for a fresh run and before
+    --overwrite deletes anything (not for a resume, which deletes nothing)."""
+    before_writing = before_writing or (lambda: None)
     if overwrite and (resume or resume_if_exists):
         raise OutputExistsError("pass either --resume or --resume-if-exists (continue an earlier run) or "
                                 "--overwrite (start over), not both")
@@ -247,12 +264,14 @@ def open_score_output(output: str, overwrite: bool, resume: bool, resume_if_exis
     folder = location(output)
     if folder.is_file():
         raise OutputExistsError(f"output {folder} is a file not written by sentiment-ray; choose another path")
-    _refuse_foreign(folder)
-    finished, started = folder.join(MANIFEST_FILE).is_file(), folder.join(PLAN_FILE).is_file()
+    found = survey_score_output(folder)
+    finished, started = MANIFEST_FILE in found.own, PLAN_FILE in found.own
     _check_writable(folder)
     if overwrite:
-        if finished or started or folder.children():
-            folder.delete_dir(missing_ok=True)
+        before_writing()
+        # Exactly the files the records vouch for: the manifest first (no reader takes the folder as finished
+        # from then on), the plan last (until then a kill leaves a recognisable unfinished output).
+        delete_own(found, first=(MANIFEST_FILE,), last=(PLAN_FILE,))
         return ScoreOutput(folder, OutputState.FRESH)
     if finished:
         if resume:
@@ -270,4 +289,5 @@ def open_score_output(output: str, overwrite: bool, resume: bool, resume_if_exis
     if resume and leftovers:
         raise OutputExistsError(f"output {folder} holds no {MANIFEST_FILE} or {PLAN_FILE}: there is nothing to "
                                 "resume; choose a new path or pass --overwrite")
+    before_writing()
     return ScoreOutput(folder, OutputState.FRESH)

@@ -7,6 +7,7 @@ prompt) and then scores only the units that have no complete set of fragments ye
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from sentiment_ray.config import ScoreConfig
+from sentiment_ray.config import ConfigError, ScoreConfig
 from sentiment_ray.data import (
     InputError,
     check_columns,
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ID_COLUMN = "id"
 PREDICTION_COLUMNS = ("label", "label_id", "score", "status", "adapter", "truncated", "error")
+EXAMPLES_SHOWN = 3  # changed input files named in a refusal
 UNITS_PER_ACTOR = 4  # a small input is cut into at least this many units per actor, so none sits idle
 
 
@@ -46,6 +48,9 @@ class InputFile:
     rows: int
     bytes: int | None = None  # size and modification time: a resumed run refuses an input that changed
     mtime_ns: int | None = None
+    # A digest of the Parquet footer (row groups, their sizes, offsets and statistics): a file replaced by one of
+    # the same size whose modification time was kept (`cp -p`, `rsync -t`) still differs here.
+    footer_sha256: str | None = None
 
 
 @dataclass
@@ -71,11 +76,58 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
     return a == b or pa.types.is_null(a) or pa.types.is_null(b)
 
 
-def _identity(path: str, rows: int) -> InputFile:
+def _identity(path: str, parquet) -> InputFile:
     from sentiment_ray.storage import location
 
     info = location(path).info()
-    return InputFile(path, rows, info.size, info.mtime_ns)
+    # The footer as Parquet serializes it, not its to_dict(): a string column's min/max statistics may hold bytes
+    # that are not UTF-8 (a cut multi-byte character, bad input), which to_dict() cannot decode.
+    footer = pa.BufferOutputStream()
+    parquet.metadata.write_metadata_file(footer)
+    digest = hashlib.sha256(footer.getvalue().to_pybytes()).hexdigest()
+    return InputFile(path, parquet.metadata.num_rows, info.size, info.mtime_ns, digest)
+
+
+def _input_changes(stored: list[dict], now: list[dict] | None) -> list[str]:
+    """How the input files differ from those a plan recorded, naming each file (at most EXAMPLES_SHOWN). Only
+    what both records hold is compared: a plan of an earlier version lacks the footer digest."""
+    now = now or []
+    before, after = {f["path"]: f for f in stored}, {f["path"]: f for f in now}
+    changes = [f"{path}: no longer an input" for path in before if path not in after]
+    changes += [f"{path}: a new input" for path in after if path not in before]
+    for path in before.keys() & after.keys():
+        old, new = before[path], after[path]
+        what = [f"{label} {old[key]} -> {new[key]}" for key, label in (("rows", "rows"), ("bytes", "bytes"),
+                                                                      ("mtime_ns", "modification time (ns)"))
+                if key in old and key in new and old[key] != new[key]]
+        if not what and old.get("footer_sha256") and new.get("footer_sha256") \
+                and old["footer_sha256"] != new["footer_sha256"]:
+            what = ["its content (same size and modification time, another Parquet footer)"]
+        if what:
+            changes.append(f"{path} changed since the plan was written: {', '.join(what)}")
+    return sorted(changes)[:EXAMPLES_SHOWN] + ([f"{len(changes) - EXAMPLES_SHOWN} more"]
+                                              if len(changes) > EXAMPLES_SHOWN else [])
+
+
+def check_prompt_settings(cfg: ScoreConfig) -> None:
+    """An adapter brings the prompt it was trained with (its sentiment_ray.json), and scoring uses that one:
+    a `prompt.*` setting given with an adapter that differs from it is refused rather than silently ignored
+    (scoring with another max_length or template than training would change the scores without a word)."""
+    if not cfg.adapter:
+        return
+    from sentiment_ray.metadata import read_metadata
+    from sentiment_ray.prompt import PromptSpec
+
+    given, default = cfg.prompt.to_dict(), PromptSpec().to_dict()
+    set_here = {k: v for k, v in given.items() if v != default[k]}
+    if not set_here:
+        return
+    trained = read_metadata(cfg.adapter).prompt.to_dict()
+    differ = {k: v for k, v in set_here.items() if v != trained[k]}
+    if differ:
+        shown = ", ".join(f"prompt.{k}={v!r} (the adapter's: {trained[k]!r})" for k, v in differ.items())
+        raise ConfigError(f"{shown}: the adapter {cfg.adapter} scores with the prompt it was trained with; drop "
+                          "these settings (the prompt is fixed at training: finetune with the prompt you want)")
 
 
 def check_inputs(cfg: ScoreConfig) -> ScoreInputs:
@@ -83,10 +135,18 @@ def check_inputs(cfg: ScoreConfig) -> ScoreInputs:
     config (text, kept, or an id_column set explicitly) must be in the files: a typo is an error naming the file
     and its columns, never a silent switch to derived ids."""
     id_column = cfg.id_column or DEFAULT_ID_COLUMN
+    if id_column in PREDICTION_COLUMNS:
+        raise InputError(f"id_column {id_column!r} would collide with the prediction column of that name "
+                         f"(the output's columns: the id, kept columns and {list(PREDICTION_COLUMNS)}); name another "
+                         "id column")
+    repeated = sorted({c for c in cfg.keep_columns if cfg.keep_columns.count(c) > 1})
+    if repeated:
+        raise InputError(f"keep_columns names {repeated} more than once; name each column once")
     clash = sorted(set(cfg.keep_columns) & (set(PREDICTION_COLUMNS) | {id_column}))
     if clash:
         raise InputError(f"keep_columns {clash} would collide with the id or prediction columns "
                          f"{list(PREDICTION_COLUMNS)}")
+    check_prompt_settings(cfg)
     files, unreadable, schemas = [], [], {}
     for path in resolve_parquet_files(cfg.input):
         try:
@@ -100,7 +160,7 @@ def check_inputs(cfg: ScoreConfig) -> ScoreInputs:
             continue
         check_columns(path, schema, {cfg.text_column: "text", **{c: "kept" for c in cfg.keep_columns}},
                       strings_only=False)  # a non-string text column is scored as marked rows
-        files.append(_identity(path, parquet.metadata.num_rows))  # the row count from the footer already read
+        files.append(_identity(path, parquet))  # the row count and digest from the footer already read
         schemas[path] = schema
     if not files:
         raise InputError(f"no readable Parquet file among {len(unreadable)} matching {cfg.input!r}")
@@ -146,7 +206,17 @@ class ScorePlan:
         return cls(data["settings"], data["rows_per_unit"], [WorkUnit(**u) for u in data["units"]])
 
     def changed_settings(self, other: ScorePlan) -> list[str]:
-        return [key for key, value in self.settings.items() if other.settings.get(key) != value]
+        """The settings of this (recorded) plan that `other` (this run's) does not share; an input file that
+        changed is named with what changed."""
+        changed = []
+        for key, value in self.settings.items():
+            if key == "inputs":
+                changes = _input_changes(value, other.settings.get(key))
+                if changes:
+                    changed.append(f"inputs ({'; '.join(changes)})")
+            elif other.settings.get(key) != value:
+                changed.append(key)
+        return changed
 
 
 def make_plan(cfg: ScoreConfig, inputs: ScoreInputs, adapter_identity: str | None, model: dict,

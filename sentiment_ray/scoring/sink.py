@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sentiment_ray.scoring.output import Fragment, ScoreOutput, fragments_by_unit, tile
+from sentiment_ray.scoring.output import MANIFEST_FILE, PLAN_FILE, Fragment, ScoreOutput, fragments_by_unit, tile
 from sentiment_ray.scoring.stages import ROW_COLUMN, UNIT_COLUMN
 from sentiment_ray.work_units import WorkUnit
 
@@ -45,9 +45,12 @@ def fragment_counts(table: pa.Table) -> dict:
 
 
 def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkUnit], rows_per_write: int,
-                      ledger: str | None = None):
+                      ledger: str | None = None, faults: dict | None = None):
     """`ledger`: the name of the run's RunLedger, told which fragments each write task wrote (for the
-    units-committed metric); None: told nothing."""
+    units-committed metric); None: told nothing. `faults`: a FaultPlan's dict (sentiment_ray/faults.py)."""
+    from sentiment_ray.faults import FaultPlan
+
+    fault_plan = FaultPlan(**(faults or {}))
     from ray.data.block import BlockAccessor
     from ray.data.datasource import Datasink
 
@@ -80,7 +83,11 @@ def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkU
                     data = run.select(schema.names).cast(schema)
                     counts = fragment_counts(data)
                     data = data.replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()})
-                    folder.join(fragment.name).write_with(lambda stream, d=data: pq.write_table(d, stream))
+                    def write_fragment(stream, d=data):
+                        fault_plan.maybe_disk_full(lambda: sum(c.name.startswith("part-") for c in folder.children()))
+                        pq.write_table(d, stream)
+
+                    folder.join(fragment.name).write_with(write_fragment)
                     written.append({"fragment": fragment.name, **counts})
                     reported.append((unit_index, fragment.file_index, fragment.start, fragment.stop))
             _tell_ledger(ledger, reported)
@@ -117,6 +124,7 @@ class CommittedOutput:
     units_skipped: list = field(default_factory=list)
     fragments: int = 0
     adapter: str | None = None
+    files: list[str] = field(default_factory=list)  # every file of the finished output: what its manifest lists
 
 
 class IncompleteOutput(RuntimeError):
@@ -127,7 +135,8 @@ def check_committed(output: ScoreOutput, units: list[WorkUnit], known: dict[str,
     """Every unit tiled exactly once (or skipped); leftovers deleted; totals from the fragments' footers (`known`:
     counts this run's write tasks returned, by fragment name, so only earlier runs' footers are read)."""
     fragments = output.fragments()
-    skipped = {(r["file_index"], r["start"]): r for r in output.skipped_records()}
+    skipped_files = output.skipped_files()
+    skipped = {(r["file_index"], r["start"]): r for r in (json.loads(f.read_text()) for f in skipped_files)}
     chosen: list[Fragment] = []
     committed = CommittedOutput()
     for unit, own in zip(units, fragments_by_unit(units, fragments)):
@@ -162,4 +171,5 @@ def check_committed(output: ScoreOutput, units: list[WorkUnit], known: dict[str,
             committed.status_counts.update(counts["status_counts"])
             committed.adapter = committed.adapter or counts["adapter"]
     committed.fragments = len(chosen)
+    committed.files = sorted([PLAN_FILE, MANIFEST_FILE, *used, *(f.name for f in skipped_files)])
     return committed

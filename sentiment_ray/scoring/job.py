@@ -308,6 +308,18 @@ def _fault_marker(output: ScoreOutput) -> str:
     return f"{tempfile.gettempdir()}/sentiment-ray-fault-{digest}"
 
 
+def _causes(exc: BaseException):
+    """`exc` and every exception under it (causes, contexts, Ray's `cause`), each once."""
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+
+
 def _input_error_inside(exc: BaseException) -> InputError | None:
     """The InputError a task or actor raised, out of the layers Ray and Ray Data wrap around it (the chain of
     causes does not always survive the trip back to the driver; the traceback text does)."""
@@ -316,15 +328,9 @@ def _input_error_inside(exc: BaseException) -> InputError | None:
     found = re.search(r"sentiment_ray\.data\.InputError: (.+)", str(exc))
     if found:
         return InputError(found.group(1).strip().splitlines()[0])
-    seen, todo = set(), [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _causes(exc):
         if isinstance(current, InputError):
             return InputError(str(current).splitlines()[0])
-        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     return None
 
 
@@ -339,17 +345,11 @@ def _write_error_inside(exc: BaseException) -> OutputWriteError | None:
     found = re.search(r"sentiment_ray\.storage\.OutputWriteError: (.+)", str(exc))
     if found:
         return OutputWriteError(found.group(1).strip().splitlines()[0])
-    seen, todo = set(), [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _causes(exc):
         if isinstance(current, OutputWriteError):
             return OutputWriteError(str(current).splitlines()[0])
         if isinstance(current, OSError) and current.errno in WRITE_REFUSED_ERRNOS:
             return OutputWriteError(f"could not write the scored rows: {one_line(current)}")
-        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     return None
 
 

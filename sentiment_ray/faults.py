@@ -13,6 +13,8 @@ Ray started.
 - `SENTIMENT_RAY_FAULT_DISK_FULL_AFTER_FRAGMENTS=N`: once the output holds N scored fragments, writing another
   fails as a full disk does (`OSError` ENOSPC, raised inside the fragment's atomic write). For every write of
   the run: a `--resume` without the variable is the disk with space again.
+- `SENTIMENT_RAY_FAULT_SLOW_BATCH_SECONDS=S`: every scoring batch takes S seconds longer, as on a slow or
+  contended node, so that a test's few batches outlast the start of a second actor or a node's removal.
 - `SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP=N`: the finetune worker kills its own process when optimizer step N
   ends, before that step's checkpoint is written; once per run, through the same marker (default: a file in the
   system temp folder named after the Ray Train run).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -33,6 +36,7 @@ MARKER = "SENTIMENT_RAY_FAULT_MARKER"
 FAIL_TEXT = "SENTIMENT_RAY_FAULT_FAIL_TEXT"
 TRAIN_EXIT_AT_STEP = "SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP"
 DISK_FULL_AFTER_FRAGMENTS = "SENTIMENT_RAY_FAULT_DISK_FULL_AFTER_FRAGMENTS"
+SLOW_BATCH_SECONDS = "SENTIMENT_RAY_FAULT_SLOW_BATCH_SECONDS"
 
 
 class InjectedFault(RuntimeError):
@@ -46,16 +50,18 @@ class FaultPlan:
     fail_text: str | None = None
     train_exit_at_step: int | None = None
     disk_full_after_fragments: int | None = None
+    slow_batch_seconds: float | None = None
 
     @classmethod
     def from_env(cls, default_marker: str) -> FaultPlan:
         exit_after, exit_at_step = os.environ.get(EXIT_AFTER_BATCHES), os.environ.get(TRAIN_EXIT_AT_STEP)
-        disk_full = os.environ.get(DISK_FULL_AFTER_FRAGMENTS)
+        disk_full, slow = os.environ.get(DISK_FULL_AFTER_FRAGMENTS), os.environ.get(SLOW_BATCH_SECONDS)
         return cls(exit_after_batches=int(exit_after) if exit_after else None,
                    marker=os.environ.get(MARKER) or default_marker,
                    fail_text=os.environ.get(FAIL_TEXT) or None,
                    train_exit_at_step=int(exit_at_step) if exit_at_step else None,
-                   disk_full_after_fragments=int(disk_full) if disk_full else None)
+                   disk_full_after_fragments=int(disk_full) if disk_full else None,
+                   slow_batch_seconds=float(slow) if slow else None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +69,10 @@ class FaultPlan:
     def maybe_fail(self, texts: list) -> None:
         if self.fail_text and any(isinstance(t, str) and self.fail_text in t for t in texts):
             raise InjectedFault(f"injected failure for a batch holding {self.fail_text!r} ({FAIL_TEXT})")
+
+    def maybe_stall(self) -> None:
+        if self.slow_batch_seconds:
+            time.sleep(self.slow_batch_seconds)
 
     def maybe_exit(self, batches_done: int) -> None:
         if self.exit_after_batches is not None and batches_done >= self.exit_after_batches:

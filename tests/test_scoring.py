@@ -11,6 +11,7 @@ import pytest
 from sentiment_ray.cli import main
 from sentiment_ray.config import ScoreConfig, load_config
 from sentiment_ray.data import InputError
+from sentiment_ray.faults import SLOW_BATCH_SECONDS
 from sentiment_ray.outputs import OutputExistsError
 from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, run_scoring
 from sentiment_ray.scoring.manifest import ScoreManifest
@@ -50,8 +51,11 @@ def reviews_dir(tmp_path_factory):
     return folder
 
 
-def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir, tmp_path):
+def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir, tmp_path, monkeypatch):
     out = tmp_path / "scored"
+    # The tiny model scores all 1,200 rows in about a second, before a second actor on 2 busy cores has loaded:
+    # slowed batches give both actors work, as a real model's batches do.
+    monkeypatch.setenv(SLOW_BATCH_SECONDS, "0.4")
     summary = run_scoring(_config(adapter_dir, reviews_dir / "*.parquet", out, "keep_columns=[source]"))
     table = pq.read_table(out)
     ids = table.column("id").to_pylist()

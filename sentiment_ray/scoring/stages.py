@@ -427,6 +427,7 @@ class ScoreStage:
             from sentiment_ray.faults import FAIL_TEXT, InjectedFault
 
             raise InjectedFault(f"injected failure for a batch holding {self.faults.fail_text!r} ({FAIL_TEXT})")
+        self.faults.maybe_stall()
         scores = self.scorer.score_token_ids([ids for ids, _ in rows])
         return BatchScores(scores, [STATUS_OK] * len(scores), [False] * len(scores))
 

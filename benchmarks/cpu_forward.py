@@ -35,10 +35,11 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from sentiment_ray.config import EMBEDDED_MODEL, ScoringModelConfig
-    from sentiment_ray.demo import DEMO_DATA
-    from sentiment_ray.prompt import PromptSpec
-    from sentiment_ray.scorer import SentimentScorer
+    from sentiment_ray.config import ScoringModelConfig
+    from sentiment_ray.demo.job import DEMO_DATA
+    from sentiment_ray.model.names import EMBEDDED_MODEL
+    from sentiment_ray.model.prompt import PromptSpec
+    from sentiment_ray.model.scorer import SentimentScorer
 
     torch.set_num_threads(args.threads)
     texts = pq.read_table(DEMO_DATA / "dev_sample.parquet").column("text").to_pylist()[:args.rows]

@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
-from sentiment_ray.demo import DEMO_DATA
-from sentiment_ray.ray_cluster import ensure_ray
-from sentiment_ray.scorer import SentimentScorer
+from sentiment_ray.demo.job import DEMO_DATA
+from sentiment_ray.model.scorer import SentimentScorer
+from sentiment_ray.ops.ray_cluster import ensure_ray
 from sentiment_ray.scoring import run_scoring
 
 

@@ -30,9 +30,9 @@ def build_inputs(work: Path, rows: int, adapter: str | None, model: str | None) 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sentiment_ray.metadata import AdapterMetadata
-    from sentiment_ray.prompt import PromptEncoder, PromptSpec
-    from sentiment_ray.tiny_model import build_tiny_model, synthetic_reviews
+    from sentiment_ray.model.metadata import AdapterMetadata
+    from sentiment_ray.model.prompt import PromptEncoder, PromptSpec
+    from sentiment_ray.model.tiny import build_tiny_model, synthetic_reviews
 
     texts, _ = synthetic_reviews(rows, seed=0)
     inputs = work / "in.parquet"

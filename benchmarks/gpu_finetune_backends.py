@@ -41,7 +41,7 @@ def main() -> None:
                         "--batch-size is the global batch, split over the workers")
     args = parser.parse_args()
 
-    from sentiment_ray.train import run_finetune
+    from sentiment_ray.training.job import run_finetune
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def masked_scores(scorer, prompts: list[list[int]]) -> list[float]:
 
 def set_forward(scorer, mode: str, steps: str = "") -> None:
     """Switch a loaded scorer's forward mode in place (one model load for every variant)."""
-    from sentiment_ray.forward_shapes import ShapeBuckets
+    from sentiment_ray.model.forwards.shapes import ShapeBuckets
 
     width_step, row_step = (int(x) for x in steps.split("/")) if steps else (64, 32)
     scorer.use_forward(mode, ShapeBuckets(scorer.max_batch_tokens, width_step, row_step))
@@ -150,7 +150,7 @@ def main() -> None:
     from benchmarks.gpu_common import build_random_mistral_7b, gpu_name
     from benchmarks.gpu_streaming import build_random_smollm2, make_adapter
     from sentiment_ray.config import ScoringModelConfig
-    from sentiment_ray.scorer import SentimentScorer
+    from sentiment_ray.model.scorer import SentimentScorer
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)

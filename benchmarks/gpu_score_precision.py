@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script on a small set")
     args = parser.parse_args()
     from sentiment_ray.config import ScoringModelConfig
-    from sentiment_ray.scorer import SentimentScorer
+    from sentiment_ray.model.scorer import SentimentScorer
 
     table = pq.read_table(args.data, columns=["text", "label"])
     table = table.slice(0, args.limit) if args.limit else table

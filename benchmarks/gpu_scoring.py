@@ -39,8 +39,8 @@ def make_adapter(model_dir: Path, folder: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sentiment_ray.metadata import AdapterMetadata
-    from sentiment_ray.prompt import PromptEncoder, PromptSpec
+    from sentiment_ray.model.metadata import AdapterMetadata
+    from sentiment_ray.model.prompt import PromptEncoder, PromptSpec
 
     if (folder / "sentiment_ray.json").exists():
         return folder
@@ -65,7 +65,7 @@ def bare_loop(variant: str, adapter: Path, data: str, batch_size: int, max_batch
     import torch
 
     from sentiment_ray.config import ScoringModelConfig
-    from sentiment_ray.scorer import SentimentScorer
+    from sentiment_ray.model.scorer import SentimentScorer
 
     texts = pq.read_table(data, columns=["text"]).column("text").to_pylist()
     started = time.perf_counter()
@@ -89,7 +89,7 @@ def ray_job(variant: str, adapter: Path, data: str, rows: int, work: Path, batch
     import pyarrow as pa
 
     from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
-    from sentiment_ray.ray_cluster import ensure_ray
+    from sentiment_ray.ops.ray_cluster import ensure_ray
     from sentiment_ray.scoring import run_scoring
 
     table = pq.read_table(data)

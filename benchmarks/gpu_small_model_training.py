@@ -124,7 +124,7 @@ def main() -> None:
 
     import torch
 
-    from sentiment_ray.train import build_trainer, load_training_rows, run_training
+    from sentiment_ray.training.job import build_trainer, load_training_rows, run_training
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)

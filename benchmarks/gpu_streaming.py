@@ -123,7 +123,7 @@ def make_adapter(model_dir: Path, folder: Path, model: str) -> Path:
 def run_job(adapter: Path, inputs: Path, output: Path, batch_size: int, max_batch_tokens: int,
             forward: str = "eager", pool_size: int = 1) -> dict:
     from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
-    from sentiment_ray.ray_cluster import ensure_ray
+    from sentiment_ray.ops.ray_cluster import ensure_ray
     from sentiment_ray.scoring import run_scoring
 
     ensure_ray(RayConfig(address="local"))
@@ -142,7 +142,7 @@ OLD_JOB = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
-from sentiment_ray.ray_cluster import ensure_ray
+from sentiment_ray.ops.ray_cluster import ensure_ray
 from sentiment_ray.scoring import run_scoring
 ensure_ray(RayConfig(address="local"))
 out = {}

@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from sentiment_ray.scorer import SentimentScorer
+    from sentiment_ray.model.scorer import SentimentScorer
     from sentiment_ray.scoring.stages import _token_rows
 
     rng = np.random.default_rng(0)

@@ -68,9 +68,9 @@ class RssSampler:
 
 def committed_units(output: str) -> int:
     """Units whose rows the fragments already in the output hold exactly once."""
+    from sentiment_ray.io.storage import location
     from sentiment_ray.scoring.output import PLAN_FILE, Fragment, tile
     from sentiment_ray.scoring.plan import ScorePlan
-    from sentiment_ray.storage import location
 
     folder = location(output)
     if not folder.join(PLAN_FILE).is_file():
@@ -80,8 +80,8 @@ def committed_units(output: str) -> int:
 
 
 def planned_units(output: str) -> int | None:
+    from sentiment_ray.io.storage import location
     from sentiment_ray.scoring.output import PLAN_FILE
-    from sentiment_ray.storage import location
 
     plan = location(output).join(PLAN_FILE)
     return len(json.loads(plan.read_text())["units"]) if plan.is_file() else None
@@ -156,7 +156,7 @@ def soak(rows: int, args, work: Path) -> dict:
     first_s, killed = run_score(command, env, work / f"first-{rows}.log", sampler, args.kill_at)
     at_kill = committed_units(output)
     resume_s, _ = run_score([*command, "--resume"], env, work / f"resume-{rows}.log", sampler, None)
-    from sentiment_ray.storage import location
+    from sentiment_ray.io.storage import location
 
     folder = location(output)
     dataset = pads.dataset(folder.path, filesystem=folder.filesystem, format="parquet")

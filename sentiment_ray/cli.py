@@ -5,7 +5,7 @@ overrides. Errors in input or config end the command with a one-line message and
 
 Output: a command's result (the finetune and score summaries as JSON, the evaluate table, predictions, paths)
 goes to stdout; progress and diagnostics are log lines on stderr, at the level `-v`/`-q` or the environment
-variable SENTIMENT_RAY_LOG_LEVEL set (sentiment_ray/logging_setup.py).
+variable SENTIMENT_RAY_LOG_LEVEL set (sentiment_ray/ops/logging_setup.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import shlex
 import sys
 
 from sentiment_ray.config import ConfigError, FinetuneConfig, ScoreConfig, load_config
-from sentiment_ray.data import InputError, one_line
-from sentiment_ray.labels import LabelError
-from sentiment_ray.logging_setup import configure_logging, level_from_env
-from sentiment_ray.metadata import AdapterError
-from sentiment_ray.prompt import PromptError
-from sentiment_ray.signals import Terminated, sigterm_as_interrupt
-from sentiment_ray.storage import OutputWriteError
+from sentiment_ray.io.errors import InputError, one_line
+from sentiment_ray.io.storage import OutputWriteError
+from sentiment_ray.model.errors import AdapterError
+from sentiment_ray.model.labels import LabelError
+from sentiment_ray.model.prompt import PromptError
+from sentiment_ray.ops.logging_setup import configure_logging, level_from_env
+from sentiment_ray.ops.signals import Terminated, sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def job_config(args) -> FinetuneConfig | ScoreConfig:
 
 
 def cmd_finetune(args) -> int:
-    from sentiment_ray.train import run_finetune
+    from sentiment_ray.training.job import run_finetune
 
     result = run_finetune(job_config(args), command=args.command_line)
     # The command's result, on stdout on purpose (not a log line): scripts read it, -q does not hide it.
@@ -120,8 +120,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from sentiment_ray.evaluate import SCORED_DIR, check_evaluation, format_metrics, write_evaluation
-    from sentiment_ray.storage import location
+    from sentiment_ray.evaluation.job import SCORED_DIR, check_evaluation, format_metrics, write_evaluation
+    from sentiment_ray.io.storage import location
 
     scored = args.scored
     labels = args.labels or (args.input if scored is None else None)
@@ -185,8 +185,8 @@ def _printable(text: str) -> str:
 def cmd_excerpts(args) -> int:
     from pathlib import Path
 
-    from sentiment_ray.excerpts import make_excerpt_set
-    from sentiment_ray.outputs import OutputExistsError
+    from sentiment_ray.io.outputs import OutputExistsError
+    from sentiment_ray.training.excerpts import make_excerpt_set
 
     output = Path(args.output).expanduser().resolve()
     if output.exists():
@@ -203,7 +203,7 @@ def cmd_excerpts(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from sentiment_ray.export import export_classifier
+    from sentiment_ray.export.classifier import export_classifier
 
     summary = export_classifier(args.adapter, args.output, base_model=args.base_model or "", dtype=args.dtype)
     # The command's result, on stdout on purpose (not log lines).
@@ -214,14 +214,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sentiment_ray.demo import run_demo
+    from sentiment_ray.demo.job import run_demo
 
     run_demo(args.output_dir, train_rows=args.train_rows, eval_rows=args.eval_rows, console_level=args.log_level)
     return 0
 
 
 def cmd_prepare_model(args) -> int:
-    from sentiment_ray.embedded_model import prepare_embedded_model
+    from sentiment_ray.model.embedded import prepare_embedded_model
 
     print(prepare_embedded_model())  # the command's result (the folder), on stdout on purpose
     return 0

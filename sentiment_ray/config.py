@@ -13,10 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from sentiment_ray.prompt import PromptError, PromptSpec
+from sentiment_ray.model.names import EMBEDDED_MODEL
+from sentiment_ray.model.prompt import PromptError, PromptSpec
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-TINY_MODEL = "embedded:tiny-random-mistral"  # built locally in a second; for tests and smoke runs
 BACKENDS = ("auto", "hf", "unsloth")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -61,12 +60,12 @@ class ModelConfig:
 class FinetuneModelConfig(ModelConfig):
     # The base model's Hugging Face Hub id, recorded in the adapter's metadata, model card and adapter_config.json
     # (name_or_path is often a local path that means nothing elsewhere). None: derived from name_or_path where
-    # one is known (sentiment_ray/hub_id.py); set it when the base is a local copy of a hub model.
+    # one is known (sentiment_ray/model/hub_id.py); set it when the base is a local copy of a hub model.
     base_model_id: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        from sentiment_ray.hub_id import is_hub_id
+        from sentiment_ray.model.hub_id import is_hub_id
 
         if self.base_model_id is not None and not is_hub_id(self.base_model_id):
             raise ConfigError(f"model.base_model_id must be a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct "
@@ -113,7 +112,7 @@ class DataConfig:
     limit: int | None = None  # take the first N rows after shuffling (seeded)
     shuffle_seed: int = 0
     # Share of the training rows replaced by an excerpt of themselves (8-60 consecutive words, same label,
-    # chosen by shuffle_seed): teaches the adapter short texts too (sentiment_ray/excerpts.py). 0: whole reviews.
+    # chosen by shuffle_seed): teaches the adapter short texts too (training/excerpts.py). 0: whole reviews.
     excerpt_share: float = 0.0
     # Rows held out of training (the first N after shuffling, whole reviews) to fit the temperature that makes
     # `score` a calibrated probability (calibration.py); stored with the adapter, applied by score and predict.

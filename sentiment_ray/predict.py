@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sentiment_ray.config import ModelConfig
-from sentiment_ray.prompt import PromptSpec
-from sentiment_ray.scorer import SentimentScorer, check_loadable, score_with_retry
+from sentiment_ray.model.prompt import PromptSpec
+from sentiment_ray.model.scorer import SentimentScorer, check_loadable, score_with_retry
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sentiment_ray.prompt import PromptSpec
-from sentiment_ray.tiny_model import build_tiny_model, synthetic_reviews
+from sentiment_ray.model.prompt import PromptSpec
+from sentiment_ray.model.tiny import build_tiny_model, synthetic_reviews
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RANDOM_ADAPTER_SPEC = PromptSpec(max_length=40)
@@ -81,7 +81,7 @@ def ray_session(request):
 @pytest.fixture
 def ray_must_not_start(monkeypatch):
     """For checks that must end a command before any Ray work: starting (or joining) Ray fails the test."""
-    from sentiment_ray import ray_cluster
+    from sentiment_ray.ops import ray_cluster
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started: the command should have stopped before any Ray work")
@@ -102,8 +102,8 @@ def random_adapter(tiny_model_dir, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sentiment_ray.metadata import AdapterMetadata
-    from sentiment_ray.prompt import PromptEncoder
+    from sentiment_ray.model.metadata import AdapterMetadata
+    from sentiment_ray.model.prompt import PromptEncoder
 
     torch.manual_seed(3)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -86,7 +86,7 @@ def test_bad_input_exits_2_with_a_one_line_message(tmp_path, random_adapter, cap
 
 
 def test_ctrl_c_during_finetune_exits_130_with_one_line(monkeypatch, capsys, tmp_path):
-    from sentiment_ray import train
+    from sentiment_ray.training import job as train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -125,8 +125,8 @@ def test_sigterm_during_finetune_exits_143_with_one_line_and_the_handler_is_put_
     import os
     import signal
 
-    from sentiment_ray import train
-    from sentiment_ray.signals import keep_sigterm_handler
+    from sentiment_ray.ops.signals import keep_sigterm_handler
+    from sentiment_ray.training import job as train
 
     @keep_sigterm_handler()
     def ray_init():  # what ray.init does to SIGTERM

@@ -78,7 +78,7 @@ def test_score_model_section_defaults_to_the_adapters_base():
 
 def test_local_ray_leaves_a_cpu_for_ray_data(monkeypatch):
     """Actors that reserve every core would starve Ray Data's read tasks on a small machine."""
-    from sentiment_ray import ray_cluster
+    from sentiment_ray.ops import ray_cluster
 
     monkeypatch.setattr(ray_cluster.os, "cpu_count", lambda: 2)
     assert ray_cluster.local_cpus() == 3
@@ -89,7 +89,7 @@ def test_local_ray_leaves_a_cpu_for_ray_data(monkeypatch):
 
 def test_id_column_is_unset_unless_named(tmp_path):
     """Unset: "id" when the files have it, else derived ids; a name given is a column the files must have
-    (tests/test_scoring.py), so the shipped configs leave it unset."""
+    (tests/scoring/test_scoring.py), so the shipped configs leave it unset."""
     for path in sorted((CONFIGS / "score").glob("*.yaml")):
         assert load_config(ScoreConfig, path, ["input=x", "output=y"]).id_column is None, path.name
     assert load_config(ScoreConfig, _write(tmp_path, "id_column: review_id\n"), ["input=x", "output=y"]).id_column \

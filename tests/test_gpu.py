@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from sentiment_ray.config import FinetuneConfig, ModelConfig, ScoreConfig, load_config
-from sentiment_ray.metadata import read_metadata
-from sentiment_ray.scorer import SentimentScorer
+from sentiment_ray.model.metadata import read_metadata
+from sentiment_ray.model.scorer import SentimentScorer
+from sentiment_ray.model.tiny import build_tiny_model, synthetic_reviews
 from sentiment_ray.scoring import run_scoring
-from sentiment_ray.tiny_model import build_tiny_model, synthetic_reviews
-from sentiment_ray.train import run_finetune
+from sentiment_ray.training.job import run_finetune
 from tests.conftest import REPO_ROOT, write_reviews
 
 pytestmark = [
@@ -96,8 +96,8 @@ def test_hf_backend_on_gpu_matches_cpu(gpu_adapter):
 
 def test_unsloth_worker_killed_mid_training_resumes_from_its_checkpoint(ray_session, small_model, synthetic_train_file,
                                                                         gpu_adapter, tmp_path, monkeypatch):
-    """The GPU twin of tests/test_train_checkpoints.py: Unsloth's patched Trainer restores the same state."""
-    from sentiment_ray.faults import MARKER, TRAIN_EXIT_AT_STEP
+    """The GPU twin of tests/training/test_train_checkpoints.py: Unsloth's patched Trainer restores the same state."""
+    from sentiment_ray.ops.faults import MARKER, TRAIN_EXIT_AT_STEP
 
     monkeypatch.setenv(TRAIN_EXIT_AT_STEP, "7")
     monkeypatch.setenv(MARKER, str(tmp_path / "fault-marker"))
@@ -137,7 +137,7 @@ def test_cuda_graph_forwards_score_as_the_eager_path(small_model):
     rounded widths) give the eager path's scores within 1e-3 in bf16. The CPU twin is test_scorer.py's
     static-shapes test."""
     from sentiment_ray.config import ScoringModelConfig
-    from sentiment_ray.prompt import PromptSpec
+    from sentiment_ray.model.prompt import PromptSpec
 
     texts = _dev_reviews(2000)
     prompt = PromptSpec(max_length=384)
@@ -171,7 +171,7 @@ def test_compiled_and_packed_forwards_add_no_error_beyond_bf16s_own(small_model)
     import numpy as np
 
     from sentiment_ray.config import ScoringModelConfig
-    from sentiment_ray.prompt import PromptSpec
+    from sentiment_ray.model.prompt import PromptSpec
 
     texts = _dev_reviews(2000)
     prompt = PromptSpec(max_length=384)
@@ -212,7 +212,7 @@ def test_padding_free_attention_is_one_varlen_call_that_matches_sdpa_per_review(
     which patches transformers for every test after it."""
     import torch.nn.functional as F
 
-    from sentiment_ray.backends.unsloth_backend import _fast_language_model
+    from sentiment_ray.model.backends.unsloth_backend import _fast_language_model
 
     _fast_language_model()
     from unsloth.utils import attention_dispatch

@@ -6,6 +6,7 @@ it started: a plain `ray stop` would also kill every other Ray on the machine, t
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from sentiment_ray.tiny_model import synthetic_reviews
+from sentiment_ray.model.tiny import synthetic_reviews
 from tests.conftest import REPO_ROOT, write_reviews
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -60,7 +61,14 @@ def ray_head(tmp_path):
         time.sleep(2)
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
+    try:  # Ray's graceful stop takes half a minute; this head's jobs are done and its folder goes with it
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+        # and any of its processes that left the group: they all name the head's own temp folder
+        subprocess.run(["pkill", "-KILL", "-f", temp_dir], check=False)
+    shutil.rmtree(temp_dir, ignore_errors=True)
     log.close()
 
 

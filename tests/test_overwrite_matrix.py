@@ -12,7 +12,7 @@ fails): milliseconds each. Where a command proceeds, only its slow middle is rep
 deletion and the commit are the real ones, and no Ray starts: `finetune`'s Ray Train trainer hands back a
 prepared adapter as its checkpoint; `score`'s pipeline is replaced by fragments written as its sink writes them
 (named by their rows, counts in the footer), after which the job's own commit check and manifest follow. The
-pipelines themselves are tested in tests/test_train.py and tests/test_scoring*.py. `evaluate` and `export` run
+pipelines themselves are tested in tests/training/test_train.py and tests/test_scoring*.py. `evaluate` and `export` run
 as they are. Each "finished output" is made once per module by the command itself and copied for each case.
 """
 
@@ -30,11 +30,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from sentiment_ray.cli import main
-from sentiment_ray.evaluate import METRICS_FILE
-from sentiment_ray.metadata import METADATA_FILE
-from sentiment_ray.ownership import FILES_KEY, record_files
+from sentiment_ray.evaluation.job import METRICS_FILE
+from sentiment_ray.io.ownership import FILES_KEY, record_files
+from sentiment_ray.io.storage import Location, location, upload_folder
+from sentiment_ray.model.metadata import METADATA_FILE
 from sentiment_ray.scoring.output import MANIFEST_FILE, Fragment
-from sentiment_ray.storage import Location, location, upload_folder
 from tests.conftest import REPO_ROOT, write_reviews
 
 pytestmark = pytest.mark.timeout(600)
@@ -112,11 +112,14 @@ class _FakeTrainer:
 def _fake_training(patch: pytest.MonkeyPatch, checkpoint: Path, ray_started: list) -> None:
     import ray.train.torch
 
-    from sentiment_ray import ray_cluster, train_checkpoints, train_data
+    from sentiment_ray.ops import ray_cluster
+    from sentiment_ray.scoring import job as scoring_job
+    from sentiment_ray.training import checkpoints as train_checkpoints
+    from sentiment_ray.training import data as train_data
 
     patch.setattr(ray_cluster, "ensure_ray", lambda *a, **k: ray_started.append(a))
     patch.setattr(ray_cluster, "check_requests_fit", lambda *a, **k: None, raising=False)
-    patch.setattr(ray_cluster, "score_requests", lambda *a, **k: [])  # sized from the cluster, which is not there
+    patch.setattr(scoring_job, "score_requests", lambda *a, **k: [])  # sized from the cluster, which is not there
     patch.setattr(ray.train.torch, "TorchTrainer", _FakeTrainer)
     patch.setattr(train_data, "worker_datasets", lambda *a, **k: {})
     patch.setattr(train_checkpoints, "claim_run", lambda *a, **k: False)

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from sentiment_ray import scorer as scorer_module
 from sentiment_ray.cli import main
 from sentiment_ray.config import ModelConfig
+from sentiment_ray.model import scorer as scorer_module
 from sentiment_ray.predict import load_predictor, predict
 from tests.conftest import REPO_ROOT
 

@@ -14,11 +14,13 @@ import time
 import uuid
 
 from sentiment_ray.config import ScoreConfig, to_dict
-from sentiment_ray.data import InputError, one_line
-from sentiment_ray.faults import FaultPlan
-from sentiment_ray.logging_setup import level_for_workers
-from sentiment_ray.outputs import OutputExistsError, refuse_overlap
-from sentiment_ray.run_lock import RunLock, StoreRunLock
+from sentiment_ray.io.errors import InputError, one_line
+from sentiment_ray.io.outputs import OutputExistsError, refuse_overlap
+from sentiment_ray.io.run_lock import RunLock, StoreRunLock
+from sentiment_ray.io.storage import OutputWriteError, location
+from sentiment_ray.ops.faults import FaultPlan
+from sentiment_ray.ops.logging_setup import level_for_workers
+from sentiment_ray.ops.ray_cluster import ResourceRequest
 from sentiment_ray.scoring.manifest import ScoreManifest, Timeline, UnitCounts
 from sentiment_ray.scoring.output import (
     OutputState,
@@ -45,7 +47,6 @@ from sentiment_ray.scoring.stages import (
     run_ledger,
     unit_datasource,
 )
-from sentiment_ray.storage import OutputWriteError, location
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ class ScoringModel:
 
 
 def resolve_model(cfg: ScoreConfig) -> ScoringModel:
-    from sentiment_ray.metadata import adapter_identity, adapter_weights_sha256, read_metadata
-    from sentiment_ray.scorer import check_loadable
+    from sentiment_ray.model.metadata import adapter_identity, adapter_weights_sha256, read_metadata
+    from sentiment_ray.model.scorer import check_loadable
 
     adapter = location(cfg.adapter).uri if cfg.adapter else None
     check_loadable(adapter, cfg.model)  # weights and base model: here, before the output is touched or any actor
@@ -96,7 +97,7 @@ def run_scoring(cfg: ScoreConfig, started_at: float | None = None) -> ScoreManif
     """Score `cfg.input` into `cfg.output` (or finish an earlier run with `cfg.resume` or `cfg.resume_if_exists`);
     returns the manifest. `started_at`: the command's start (time.time()), which the manifest's timeline counts
     from; by default this call.
-    One run at a time per output, however it is spelled (sentiment_ray/run_lock.py)."""
+    One run at a time per output, however it is spelled (sentiment_ray/io/run_lock.py)."""
     started_at = time.time() if started_at is None else started_at
     with RunLock.for_output(cfg.output) as lock:
         return _score(cfg, started_at, lock)
@@ -221,7 +222,7 @@ def _pending_rows(output: ScoreOutput, plan: ScorePlan) -> list[PendingRows]:
 
 def _connect_ray(cfg: ScoreConfig) -> float:
     """Ray joined or started, and the job's actors checked against its nodes; returns when (time.time())."""
-    from sentiment_ray.ray_cluster import check_requests_fit, ensure_ray, score_requests
+    from sentiment_ray.ops.ray_cluster import check_requests_fit, ensure_ray
 
     ensure_ray(cfg.ray)
     check_requests_fit(score_requests(cfg))  # an actor no node can hold would wait with no end
@@ -300,6 +301,17 @@ def _prepare_pool(cfg: ScoreConfig, scoring_actors: int) -> tuple[int, float]:
     return max(1, int(left // max(each, 0.01))), each
 
 
+def score_requests(cfg: ScoreConfig) -> list[ResourceRequest]:
+    """What each actor of the two pools asks Ray for, as the pipeline will ask it (the tokenizing pool's CPUs
+    are those _prepare_pool sizes it with)."""
+    scoring = {"CPU": cfg.num_cpus_per_actor, "GPU": cfg.num_gpus_per_actor, **cfg.actor_resources}
+    settings = {"CPU": "num_cpus_per_actor", "GPU": "num_gpus_per_actor",
+                **{name: f"actor_resources.{name}" for name in cfg.actor_resources}}
+    _, prepare_cpus = _prepare_pool(cfg, cfg.pool_size)
+    return [ResourceRequest("each scoring actor", scoring, settings),
+            ResourceRequest("each tokenizing actor", {"CPU": prepare_cpus}, {"CPU": "num_cpus_per_prepare_actor"})]
+
+
 def _fault_marker(output: ScoreOutput) -> str:
     import hashlib
     import tempfile
@@ -340,7 +352,7 @@ def _write_error_inside(exc: BaseException) -> OutputWriteError | None:
     Location.write_with is named by its errno alone."""
     import re
 
-    from sentiment_ray.storage import WRITE_REFUSED_ERRNOS
+    from sentiment_ray.io.storage import WRITE_REFUSED_ERRNOS
 
     found = re.search(r"sentiment_ray\.storage\.OutputWriteError: (.+)", str(exc))
     if found:

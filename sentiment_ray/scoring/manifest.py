@@ -63,7 +63,7 @@ class ScoreManifest:
     plan_settings: dict | None  # what a later --resume on this finished output checks its inputs against
     timeline: Timeline | None = None  # this run's steps in seconds from the command's start
     # Every file of the output (relative names, this manifest included): all that a later --overwrite may delete
-    # (sentiment_ray/ownership.py). None in a manifest of an earlier release.
+    # (sentiment_ray/io/ownership.py). None in a manifest of an earlier release.
     files_written: list[str] | None = None
 
     def to_dict(self) -> dict:

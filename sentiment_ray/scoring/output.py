@@ -7,7 +7,7 @@ written whole or not at all (a rename on a local disk, one upload on an object s
 the commit marker**, and a folder without one is unfinished. Names starting with `_` or `.` are skipped by
 pyarrow, Ray Data, pandas and DuckDB, so any of them reads the folder as it is, in input order by file name.
 
-What may be done with an existing folder (the rules of sentiment_ray/outputs.py, on any storage):
+What may be done with an existing folder (the rules of sentiment_ray/io/outputs.py, on any storage):
 - absent or empty: a fresh run;
 - holding the manifest (a finished run): `--resume` checks it against this run's plan and leaves it as it is;
   `--overwrite` replaces it;
@@ -16,7 +16,7 @@ What may be done with an existing folder (the rules of sentiment_ray/outputs.py,
   where an earlier run left its plan or manifest, a fresh run where it left nothing (as `--resume` does too);
   the settings are checked as with `--resume`, so a changed input or setting is still refused;
 - holding anything else, beside these or instead of them: refused whatever the flags; it was not written by
-  this tool. What is the tool's is decided by its records (sentiment_ray/ownership.py): a finished run's manifest
+  this tool. What is the tool's is decided by its records (sentiment_ray/io/ownership.py): a finished run's manifest
   lists every file of the run (`files_written`); an unfinished run's plan vouches for the names a run writes
   (fragments, skipped-unit records), as does a manifest of a release that kept no list. `--overwrite` deletes
   exactly those files (the manifest first, the plan last), nothing else.
@@ -31,15 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from sentiment_ray.outputs import (
+from sentiment_ray.io.outputs import (
     OutputExistsError,
     OutputNotWritableError,
     check_writable,
     resolve_output,
 )
-from sentiment_ray.ownership import Survey, delete_own, survey
-from sentiment_ray.storage import Location, location
-from sentiment_ray.work_units import WorkUnit
+from sentiment_ray.io.ownership import Survey, delete_own, survey
+from sentiment_ray.io.storage import Location, location
+from sentiment_ray.scoring.work_units import WorkUnit
 
 PLAN_FILE = "_sentiment_ray_plan.json"
 MANIFEST_FILE = "_sentiment_ray_manifest.json"

@@ -16,13 +16,9 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from sentiment_ray.config import ConfigError, ScoreConfig
-from sentiment_ray.data import (
-    InputError,
-    check_columns,
-    open_parquet,
-    resolve_parquet_files,
-)
-from sentiment_ray.work_units import WorkUnit, plan_units
+from sentiment_ray.io.errors import InputError
+from sentiment_ray.io.inputs import check_columns, open_parquet, resolve_parquet_files
+from sentiment_ray.scoring.work_units import WorkUnit, plan_units
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +73,7 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
 
 
 def _identity(path: str, parquet) -> InputFile:
-    from sentiment_ray.storage import location
+    from sentiment_ray.io.storage import location
 
     info = location(path).info()
     # The footer as Parquet serializes it, not its to_dict(): a string column's min/max statistics may hold bytes
@@ -115,8 +111,8 @@ def check_prompt_settings(cfg: ScoreConfig) -> None:
     (scoring with another max_length or template than training would change the scores without a word)."""
     if not cfg.adapter:
         return
-    from sentiment_ray.metadata import read_metadata
-    from sentiment_ray.prompt import PromptSpec
+    from sentiment_ray.model.metadata import read_metadata
+    from sentiment_ray.model.prompt import PromptSpec
 
     given, default = cfg.prompt.to_dict(), PromptSpec().to_dict()
     set_here = {k: v for k, v in given.items() if v != default[k]}

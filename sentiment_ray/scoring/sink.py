@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from sentiment_ray.scoring.output import MANIFEST_FILE, PLAN_FILE, Fragment, ScoreOutput, fragments_by_unit, tile
 from sentiment_ray.scoring.stages import ROW_COLUMN, UNIT_COLUMN
-from sentiment_ray.work_units import WorkUnit
+from sentiment_ray.scoring.work_units import WorkUnit
 
 COUNTS_KEY = b"sentiment_ray"
 OK_STATUS = "ok"
@@ -47,8 +47,8 @@ def fragment_counts(table: pa.Table) -> dict:
 def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkUnit], rows_per_write: int,
                       ledger: str | None = None, faults: dict | None = None):
     """`ledger`: the name of the run's RunLedger, told which fragments each write task wrote (for the
-    units-committed metric); None: told nothing. `faults`: a FaultPlan's dict (sentiment_ray/faults.py)."""
-    from sentiment_ray.faults import FaultPlan
+    units-committed metric); None: told nothing. `faults`: a FaultPlan's dict (sentiment_ray/ops/faults.py)."""
+    from sentiment_ray.ops.faults import FaultPlan
 
     fault_plan = FaultPlan(**(faults or {}))
     from ray.data.block import BlockAccessor
@@ -63,7 +63,7 @@ def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkU
             return rows_per_write  # about one work unit per write task: fragments of about a unit each
 
         def write(self, blocks, ctx) -> list[dict]:
-            from sentiment_ray.storage import location
+            from sentiment_ray.io.storage import location
 
             folder = location(output_uri)
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]

@@ -25,11 +25,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sentiment_ray.data import InputError, one_line, unvalidated_type
-from sentiment_ray.faults import FaultPlan
-from sentiment_ray.logging_setup import configure_worker_logging
-from sentiment_ray.metrics import ScoreStageRecorder
-from sentiment_ray.work_units import WorkUnit, derived_ids, read_unit
+from sentiment_ray.io.errors import InputError, one_line
+from sentiment_ray.io.inputs import unvalidated_type
+from sentiment_ray.ops.faults import FaultPlan
+from sentiment_ray.ops.logging_setup import configure_worker_logging
+from sentiment_ray.ops.metrics import ScoreStageRecorder
+from sentiment_ray.scoring.work_units import WorkUnit, derived_ids, read_unit
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class PendingRows:
 
 def read_unit_blocks(pending: PendingRows, spec: ReadSpec, rows_per_block: int, log_level: int | None = None):
     """The pending rows of one work unit as blocks of at most `rows_per_block` rows."""
-    from sentiment_ray.storage import location
+    from sentiment_ray.io.storage import location
 
     configure_worker_logging(log_level)
     piece = pending.rows
@@ -143,8 +144,8 @@ class PrepareStage:
                  fail_text: str | None = None, log_level: int | None = None):
         configure_worker_logging(log_level)
         from sentiment_ray.config import ScoringModelConfig
-        from sentiment_ray.prompt import PromptSpec
-        from sentiment_ray.scorer import TextPreparer
+        from sentiment_ray.model.prompt import PromptSpec
+        from sentiment_ray.model.scorer import TextPreparer
 
         self.preparer = TextPreparer.load(adapter, weights_sha256, ScoringModelConfig(**model),
                                           PromptSpec.from_dict(prompt))
@@ -254,7 +255,7 @@ class RunLedger:
 
     def fragments_written(self, fragments: list[tuple[int, int, int, int]]) -> None:
         """(unit index, file index, first row, end row) of fragments a write task wrote."""
-        from sentiment_ray.metrics import record_units_committed
+        from sentiment_ray.ops.metrics import record_units_committed
         from sentiment_ray.scoring.output import Fragment
 
         completed = sum(self.commits.add(unit, Fragment(file, start, stop)) for unit, file, start, stop in fragments)
@@ -347,8 +348,8 @@ class ScoreStage:
         import torch
 
         from sentiment_ray.config import ScoringModelConfig
-        from sentiment_ray.prompt import PromptSpec
-        from sentiment_ray.scorer import SentimentScorer
+        from sentiment_ray.model.prompt import PromptSpec
+        from sentiment_ray.model.scorer import SentimentScorer
 
         if torch_threads and not torch.cuda.is_available():
             torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the reserved CPUs; say it explicitly
@@ -377,7 +378,7 @@ class ScoreStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
 
-        from sentiment_ray.scorer import score_with_retry
+        from sentiment_ray.model.scorer import score_with_retry
 
         started = time.perf_counter()
         key = (int(batch.column(UNIT_COLUMN)[0].as_py()), int(batch.column(ROW_COLUMN)[0].as_py()))
@@ -397,7 +398,7 @@ class ScoreStage:
         for i, score, status, error in zip(pending, result.scores, result.statuses, result.errors):
             scores[i], statuses[i], errors[i] = score, status, error
         label_ids = [None if s is None else int(s >= self.threshold) for s in scores]
-        from sentiment_ray.labels import CLASS_NAMES
+        from sentiment_ray.model.labels import CLASS_NAMES
 
         out = batch.drop_columns([c for c in (TOKENS_COLUMN, FAULT_COLUMN, "status", "error")
                                   if c in batch.column_names])
@@ -421,10 +422,10 @@ class ScoreStage:
         return out
 
     def _score(self, rows: list[tuple[list[int], bool]]):
-        from sentiment_ray.scorer import STATUS_OK, BatchScores
+        from sentiment_ray.model.scorer import STATUS_OK, BatchScores
 
         if self.faults.fail_text and any(flag for _, flag in rows):
-            from sentiment_ray.faults import FAIL_TEXT, InjectedFault
+            from sentiment_ray.ops.faults import FAIL_TEXT, InjectedFault
 
             raise InjectedFault(f"injected failure for a batch holding {self.faults.fail_text!r} ({FAIL_TEXT})")
         self.faults.maybe_stall()

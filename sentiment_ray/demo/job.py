@@ -24,7 +24,7 @@ from sentiment_ray.demo.console import DEMO_LOGGER, demo_console
 logger = logging.getLogger(DEMO_LOGGER)  # the module's own name: the console shows its lines unindented
 
 DEMO_DATA = Path(__file__).parent / "data"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FINETUNE_CONFIG = REPO_ROOT / "configs" / "finetune" / "smollm2_cpu.yaml"
 SCORE_CONFIG = REPO_ROOT / "configs" / "score" / "smollm2_cpu.yaml"
 DEFAULT_EVAL_ROWS = 500

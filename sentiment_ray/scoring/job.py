@@ -337,7 +337,7 @@ def _input_error_inside(exc: BaseException) -> InputError | None:
     causes does not always survive the trip back to the driver; the traceback text does)."""
     import re
 
-    found = re.search(r"sentiment_ray\.data\.InputError: (.+)", str(exc))
+    found = re.search(re.escape(f"{InputError.__module__}.{InputError.__name__}: ") + "(.+)", str(exc))
     if found:
         return InputError(found.group(1).strip().splitlines()[0])
     for current in _causes(exc):
@@ -354,7 +354,7 @@ def _write_error_inside(exc: BaseException) -> OutputWriteError | None:
 
     from sentiment_ray.io.storage import WRITE_REFUSED_ERRNOS
 
-    found = re.search(r"sentiment_ray\.storage\.OutputWriteError: (.+)", str(exc))
+    found = re.search(re.escape(f"{OutputWriteError.__module__}.{OutputWriteError.__name__}: ") + "(.+)", str(exc))
     if found:
         return OutputWriteError(found.group(1).strip().splitlines()[0])
     for current in _causes(exc):

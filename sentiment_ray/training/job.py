@@ -23,9 +23,9 @@ from sentiment_ray.config import FinetuneConfig, FinetuneModelConfig, build_conf
 from sentiment_ray.io.errors import one_line
 from sentiment_ray.io.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
 from sentiment_ray.io.ownership import record_files
-from sentiment_ray.io.storage import OutputWriteError, write_refused
+from sentiment_ray.io.storage import Location, OutputWriteError, write_refused
 from sentiment_ray.ops.ray_cluster import ResourceRequest
-from sentiment_ray.training.data import HeldOutRows, load_rows
+from sentiment_ray.training.data import HeldOutRows, TrainingData, load_rows
 
 logger = logging.getLogger(__name__)
 
@@ -509,51 +509,86 @@ def interrupt_handler(controller):
     return on_signal
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetunePlan:
+    """What the driver knows before Ray starts: the checked config (its base model resolved), where the adapter
+    goes, the scanned training rows and the held-out ones, and the finished adapter of an earlier identical run."""
+
+    cfg: FinetuneConfig
+    final: Location
+    training: TrainingData
+    data_info: dict
+    held_out: HeldOutRows
+    finished: dict | None  # run_finetune's result when the adapter is already there (resume_if_exists)
+
+
 def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
     """Train an adapter on a Ray cluster (started locally when none is running); returns its metadata dict.
-    `command` (the command line, where there is one) is recorded in the adapter's metadata and model card."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    `command` (the command line, where there is one) is recorded in the adapter's metadata and model card.
 
+    check (output, data, base model: before Ray) -> connect -> train (Ray Train workers) -> commit the adapter"""
+    from sentiment_ray.ops.ray_cluster import check_requests_fit, ensure_ray
+
+    plan = check_before_training(cfg)
+    if plan.finished is not None:
+        return plan.finished
+    ensure_ray(plan.cfg.ray)
+    check_requests_fit(finetune_requests(plan.cfg))  # a worker no node can hold would wait with no end
+    run_config = _run_config(plan)
+    started = time.perf_counter()
+    result = _fit(_trainer(plan, run_config, command), run_config)
+    metadata = _commit_adapter(result, plan)
+    if plan.cfg.ray.storage_path is None:  # the adapter is in place: the run's checkpoints in the cache are not needed
+        shutil.rmtree(Path(run_config.storage_path) / run_config.name, ignore_errors=True)
+    wall = time.perf_counter() - started
+    logger.info("adapter written to %s: %d steps, loss %s, %.1f s wall (Ray Train included)", plan.final,
+                metadata.metrics["steps"], metadata.metrics["train_loss"], wall)
+    return {**metadata.to_dict(), "adapter_dir": plan.final.uri, "wall_seconds": round(wall, 2)}
+
+
+def check_before_training(cfg: FinetuneConfig) -> FinetunePlan:
+    """Every check on the output, the data and the model before Ray starts: an hour of training must not end in a
+    refusal, and a user error found in the workers would be retried ray.max_failures times."""
     from sentiment_ray.io.storage import location
     from sentiment_ray.model.base_modules import check_target_modules
-    from sentiment_ray.model.metadata import LEGACY_ADAPTER_FILES, METADATA_FILE, check_base_model, read_metadata
-    from sentiment_ray.ops import faults
-    from sentiment_ray.ops.logging_setup import level_for_workers
-    from sentiment_ray.ops.ray_cluster import check_requests_fit, ensure_ray
-    from sentiment_ray.training.checkpoints import check_finished_adapter, claim_run, run_identity
+    from sentiment_ray.model.metadata import LEGACY_ADAPTER_FILES, METADATA_FILE, check_base_model
+    from sentiment_ray.training.checkpoints import check_finished_adapter, run_identity
+    from sentiment_ray.training.data import WorkerShare, scan_training_data
 
-    # Every check on the output and the data before Ray starts: an hour of training must not end in a refusal.
     if not cfg.data.train.startswith("hf:"):
         refuse_overlap(cfg.output_dir, [cfg.data.train], "training data")
     finished = cfg.resume_if_exists and location(cfg.output_dir).join(METADATA_FILE).is_file()
     final = location(cfg.output_dir) if finished else check_output_location_free(
         cfg.output_dir, cfg.overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
-    from sentiment_ray.training.data import WorkerShare, scan_training_data, worker_datasets
-
     training = scan_training_data(cfg)
     data_info, held_out, world = training.info, training.held_out, cfg.ray.num_workers
     left_out = data_info["rows"] - world * WorkerShare.of(data_info["rows"], 0, world).rows
-    if world > 1:  # rows per worker are equal so that DDP steps stay in lockstep (train_data.py)
+    if world > 1:  # rows per worker are equal so that DDP steps stay in lockstep (training/data.py)
         data_info = {**data_info, "num_workers": world, "rows_left_out_for_equal_shards": left_out}
     logger.info("%d training rows from %s (fingerprint %s)%s", data_info["rows"], cfg.data.train,
                 data_info["fingerprint"],
                 f", {world} workers, {left_out} row(s) left out for equal shares" if world > 1 else "")
     cfg = dataclasses.replace(cfg, model=resolve_base_model(cfg.model))
+    done = None
     if finished:  # a rerun of a job that had finished: the same adapter, or a refusal naming what differs
         metadata = check_finished_adapter(final, run_identity(cfg, data_info["fingerprint"]))
         logger.info("%s already holds the adapter this run trains (%s steps); nothing to train", final,
                     metadata.metrics.get("steps"))
-        return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": 0.0}
-    # The base model and the modules LoRA adapts, here: in the workers a bad one is a traceback that Ray Train
-    # retries ray.max_failures times before the command fails.
-    check_base_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    check_target_modules(cfg.model.name_or_path, cfg.lora.target_modules, cfg.model.trust_remote_code)
+        done = {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": 0.0}
+    else:
+        check_base_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        check_target_modules(cfg.model.name_or_path, cfg.lora.target_modules, cfg.model.trust_remote_code)
+    return FinetunePlan(cfg, final, training, data_info, held_out, done)
 
-    ensure_ray(cfg.ray)
-    check_requests_fit(finetune_requests(cfg))  # a worker no node can hold would wait with no end
-    resources = {"CPU": cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
-        resources["GPU"] = cfg.ray.gpus_per_worker
+
+def _run_config(plan: FinetunePlan):
+    """Ray Train's RunConfig: where checkpoints go, how many failures a run survives, and the run's name, under
+    which a rerun resumes from the latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from sentiment_ray.training.checkpoints import claim_run, run_identity
+
+    cfg = plan.cfg
     storage = cfg.ray.storage_path
     if storage is None:
         # Not Ray's default ~/ray_results, which keeps every run's checkpoints (~90 MB for SmolLM2) forever: a
@@ -569,30 +604,51 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
     )
-    if claim_run(run_config.storage_path, run_config.name, run_identity(cfg, data_info["fingerprint"])):
+    if claim_run(run_config.storage_path, run_config.name, run_identity(cfg, plan.data_info["fingerprint"])):
         logger.info("run %s exists in %s: resuming from its latest checkpoint", run_config.name,
                     run_config.storage_path)
+    return run_config
+
+
+def _trainer(plan: FinetunePlan, run_config, command: str | None):
+    """The TorchTrainer: `ray.num_workers` workers running train_worker, each reading its own share of the rows."""
+    from ray.train import DataConfig, ScalingConfig
+
+    from sentiment_ray.ops import faults
+    from sentiment_ray.ops.logging_setup import level_for_workers
+    from sentiment_ray.training.data import worker_datasets
+
+    cfg = plan.cfg
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
     fault_plan = faults.FaultPlan.from_env(str(Path(tempfile.gettempdir()) / f"sentiment-ray-fault-{run_config.name}"))
-    trainer = _interruptible_trainer_class()(
+    return _interruptible_trainer_class()(
         train_worker,
         train_loop_config={
             "config": dataclasses.asdict(cfg),
-            "training_rows": data_info["rows"],
-            "calibration_texts": held_out.texts,
-            "calibration_labels": held_out.labels,
-            "data_info": data_info,
+            "training_rows": plan.data_info["rows"],
+            "calibration_texts": plan.held_out.texts,
+            "calibration_labels": plan.held_out.labels,
+            "data_info": plan.data_info,
             "command": command,
             "faults": fault_plan.to_dict(),
             "run_name": run_config.name,  # the tag of the worker's metrics
             "log_level": level_for_workers(),
         },
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
         run_config=run_config,
-        # One dataset per worker, read whole by it (train_data.py: a fixed share per worker, not Ray's dynamic split)
-        datasets=worker_datasets(training, cfg),
+        # One dataset per worker, read whole by it (training/data.py: a fixed share per worker, not Ray's dynamic
+        # split)
+        datasets=worker_datasets(plan.training, cfg),
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    started = time.perf_counter()
+
+
+def _fit(trainer, run_config):
+    """trainer.fit(), with a worker's user error raised as itself (never retried, no Ray traceback around it) and a
+    refused checkpoint write as an OutputWriteError."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = trainer.fit()
@@ -605,8 +661,8 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
             if refused is None:
                 raise
             logger.debug("training failed in a worker", exc_info=True)
-            raise OutputWriteError(f"a training worker could not write its checkpoint (kept in {storage}): "
-                                   f"{one_line(refused)}") from None
+            raise OutputWriteError(f"a training worker could not write its checkpoint (kept in "
+                                   f"{run_config.storage_path}): {one_line(refused)}") from None
         logger.debug("training failed in a worker", exc_info=True)  # the worker's traceback, for -v
         if type(user_error).__name__ == "NoMatchingPeftModuleError":  # peft's words, with the setting named
             from sentiment_ray.config import ConfigError
@@ -619,16 +675,22 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
                 signal.signal(signum, handler)
     if result.checkpoint is None:
         raise RuntimeError("the training worker finished without reporting an adapter checkpoint")
+    return result
 
+
+def _commit_adapter(result, plan: FinetunePlan):
+    """The adapter of the last checkpoint under its final name (a local commit or an upload); its metadata."""
+    from sentiment_ray.model.metadata import LEGACY_ADAPTER_FILES, METADATA_FILE, read_metadata
+
+    final, overwrite = plan.final, plan.cfg.overwrite
     staging = (staging_dir(Path(final.path)) if final.is_local
                else Path(tempfile.mkdtemp(prefix="sentiment-ray-adapter-")))
     try:
+        result.checkpoint.to_directory(str(staging))
         if final.is_local:
-            result.checkpoint.to_directory(str(staging))
-            commit(staging, Path(final.path), cfg.overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
+            commit(staging, Path(final.path), overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
         else:  # an object store: the adapter is fetched into a local folder, then uploaded file by file
-            result.checkpoint.to_directory(str(staging))
-            upload_output(staging, final, cfg.overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
+            upload_output(staging, final, overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
             shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:
         if not write_refused(exc):
@@ -637,13 +699,7 @@ def run_finetune(cfg: FinetuneConfig, command: str | None = None) -> dict:
         # touched, and the run's checkpoints are still in storage for the rerun.
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputWriteError(f"could not write the adapter to {final}: {one_line(exc)}") from exc
-    metadata = read_metadata(final)
-    if cfg.ray.storage_path is None:  # the adapter is in place: the run's checkpoints in the cache are not needed
-        shutil.rmtree(Path(storage) / run_config.name, ignore_errors=True)
-    wall = time.perf_counter() - started
-    logger.info("adapter written to %s: %d steps, loss %s, %.1f s wall (Ray Train included)", final,
-                metadata.metrics["steps"], metadata.metrics["train_loss"], wall)
-    return {**metadata.to_dict(), "adapter_dir": final.uri, "wall_seconds": round(wall, 2)}
+    return read_metadata(final)
 
 
 def finetune_requests(cfg: FinetuneConfig) -> list[ResourceRequest]:

@@ -163,8 +163,8 @@ def cluster_runs(random_adapter, tmp_path_factory) -> tuple[dict, Path]:
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
            RECORDS_ENV: str(records)}
     with open(work / "cluster.log", "w") as log:
-        scenario = str(work / "scenario.json")
-        process = subprocess.Popen([sys.executable, "-m", "tests.scoring.test_scoring_cluster", scenario],
+        scenario_file = str(work / "scenario.json")
+        process = subprocess.Popen([sys.executable, "-m", "tests.scoring.test_scoring_cluster", scenario_file],
                                    cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:

@@ -146,9 +146,16 @@ def _score_command(adapter, reviews, out, *extra):
             "ray.num_cpus=3", *extra]
 
 
+def _score_in_process(adapter, reviews, out, *extra) -> int:
+    """`_score_command`'s command run by this process's CLI (on the session's Ray), with its exit code."""
+    from sentiment_ray.cli import main
+
+    return main(_score_command(adapter, reviews, out, *extra)[3:])
+
+
 @pytest.mark.timeout(420)
 def test_driver_killed_then_resumed_gives_every_row_once_with_the_same_scores(
-        random_adapter, reviews, reference, tmp_path):
+        random_adapter, reviews, reference, tmp_path, capsys):
     """The real thing: the `score` command in its own process (with its own Ray) is SIGKILLed after a few units
     are committed, then rerun with --resume."""
     out = tmp_path / "scored"
@@ -167,12 +174,11 @@ def test_driver_killed_then_resumed_gives_every_row_once_with_the_same_scores(
     committed_at_kill = len(_complete_units(out))
     assert not (out / MANIFEST_FILE).exists() and committed_at_kill < 9
 
-    refused = subprocess.run(_score_command(random_adapter, reviews, out), env=env, capture_output=True, text=True,
-                             cwd=REPO_ROOT, timeout=120, check=False)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = subprocess.run(_score_command(random_adapter, reviews, out, "--resume"), env=env, capture_output=True,
-                             text=True, cwd=REPO_ROOT, timeout=300, check=False)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # The rerun and the resume in this process, on the session's Ray: what they do does not depend on whose Ray
+    # it is, and a second private Ray would cost a start-up.
+    capsys.readouterr()
+    assert _score_in_process(random_adapter, reviews, out) == 2 and "--resume" in capsys.readouterr().err
+    assert _score_in_process(random_adapter, reviews, out, "--resume") == 0, capsys.readouterr().err[-3000:]
     _assert_same_as_reference(out, reference)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["units"]["committed_before_this_run"] >= committed_at_kill
@@ -319,7 +325,7 @@ def test_resume_of_a_finished_output_checks_that_the_inputs_still_match(ray_sess
 
 @pytest.mark.timeout(300)
 def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(random_adapter, reviews, reference,
-                                                                           tmp_path):
+                                                                           tmp_path, capsys):
     out = tmp_path / "scored"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sr-int-", dir="/tmp")
@@ -336,9 +342,7 @@ def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(ra
     assert ours == ["sentiment-ray score: interrupted; the work units committed so far are kept: rerun the same "
                     "command with --resume to continue"]
     assert "Traceback" not in err and not (out / MANIFEST_FILE).exists()
-    resumed = subprocess.run(_score_command(random_adapter, reviews, out, "--resume"), env=env, capture_output=True,
-                             text=True, cwd=REPO_ROOT, timeout=300, check=False)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _score_in_process(random_adapter, reviews, out, "--resume") == 0, capsys.readouterr().err[-3000:]
     _assert_same_as_reference(out, reference)
 
 

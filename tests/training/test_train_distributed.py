@@ -204,7 +204,7 @@ peaks = []
 for train_file in sys.argv[4:]:
     cfg = load_config(FinetuneConfig, sys.argv[3], [f"model.name_or_path={sys.argv[1]}", f"data.train={train_file}",
         f"output_dir={sys.argv[2]}/adapter-{len(peaks)}", "data.limit=null", "train.max_steps=2",
-        "train.batch_size=4", "ray.num_workers=2", "train.checkpoint_steps=0", "prompt.max_length=32"])
+        "train.batch_size=4", "ray.num_workers=1", "train.checkpoint_steps=0", "prompt.max_length=32"])
     run_finetune(cfg)
     peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 ray.shutdown()

@@ -119,6 +119,8 @@ def _timeline(started_at: float, milestones: PipelineMilestones | None, activity
 
 
 def _score(cfg: ScoreConfig, started_at: float, lock: RunLock | StoreRunLock | None = None) -> ScoreManifest:
+    """check -> open the output -> plan (or the resumed run's) -> pipeline (read -> prepare -> score -> sink) ->
+    every unit there exactly once -> the manifest, written last (the commit)."""
     # Every check before open_score_output, which with --overwrite deletes the earlier output.
     inputs = check_inputs(cfg)
     refuse_overlap(cfg.output, [cfg.input, *inputs.paths], "score input")
@@ -152,11 +154,17 @@ def _score(cfg: ScoreConfig, started_at: float, lock: RunLock | StoreRunLock | N
     timeline = _timeline(started_at, milestones, activity, time.time())
     manifest = _manifest(cfg, inputs, plan, committed, units_run, rows_scored_now, seconds, output, activity,
                          timeline)
-    output.manifest_file.write_bytes(manifest.to_json().encode())
+    output.manifest_file.write_bytes(manifest.to_json().encode())  # the commit
+    _log_result(manifest, committed, inputs, units_run, seconds, activity)
+    return manifest
+
+
+def _log_result(manifest: ScoreManifest, committed: CommittedOutput, inputs: ScoreInputs, units_run: int,
+                seconds: float, activity: StageActivity | None) -> None:
     skipped = (f"; SKIPPED {committed.rows_skipped} rows in {len(committed.units_skipped)} unit(s) and "
                f"{len(inputs.unreadable)} unreadable file(s)") if committed.rows_skipped or inputs.unreadable else ""
     logger.info("%d rows into %s (%d scored, %d marked%s); statuses %s; this run: %d units in %.1f s (%s rows/s, "
-                "start-up included)", committed.rows_out, output.folder, manifest.rows_scored,
+                "start-up included)", committed.rows_out, manifest.output, manifest.rows_scored,
                 manifest.rows_marked, skipped, dict(committed.status_counts), units_run, seconds,
                 manifest.rows_per_second)
     if activity and activity.busy_fraction is not None:
@@ -166,8 +174,8 @@ def _score(cfg: ScoreConfig, started_at: float, lock: RunLock | StoreRunLock | N
             logger.info("  scoring actor %s: %d rows in %d batches, busy %.1f s, batches from %.1f s to %.1f s "
                         "after the pipeline started", actor.actor, actor.rows, actor.batches, actor.busy_seconds,
                         actor.first_batch_offset, actor.last_batch_offset)
-    logger.info("timeline, seconds from the command's start: %s", timeline.describe())
-    return manifest
+    if manifest.timeline is not None:
+        logger.info("timeline, seconds from the command's start: %s", manifest.timeline.describe())
 
 
 def _start_or_resume(output: ScoreOutput, plan: ScorePlan) -> ScorePlan:

@@ -58,6 +58,11 @@ class UnmeetableResourcesError(ConfigError):
     """A request that no node of the cluster can ever meet: the job would wait for it forever."""
 
 
+class ClusterTooSmallError(RuntimeError):
+    """After losing nodes mid-run, no node left can hold an actor of a stage and none joined within
+    ray.wait_for_resources_s (exit 1: the cluster, not the user's input; a score output stays resumable)."""
+
+
 def score_requests(cfg: ScoreConfig) -> list[ResourceRequest]:
     from sentiment_ray.scoring.job import _prepare_pool  # the CPUs the tokenizing actors will really ask for
 

@@ -1,0 +1,36 @@
+"""The Ray Data execution callback that stops a scoring pipeline once a node it started on is lost (node_loss.py).
+
+A module's class, not one made per pipeline: Ray pickles the DataContext, its callback classes included, into every
+task it starts, and a class pickled by value would carry the pipeline's state (its executor, which cannot be
+pickled) along. The state stays on the driver, in node_loss's registry, found by a key in the context's config.
+Imported only where a pipeline runs: it imports Ray Data.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+from sentiment_ray.scoring import node_loss
+
+
+class StopOnLostNode(ExecutionCallback):
+    """Raises NodeLost on the executor's own loop (which ends the execution as an operator error does) once a
+    node the pipeline started on is gone; asks the GCS at most every node_loss.CHECK_EVERY_S seconds."""
+
+    def __init__(self):
+        self.watch = None
+        self.checked = time.monotonic()
+
+    def before_execution_starts(self, executor) -> None:
+        self.watch = node_loss.watch_of(executor._data_context)  # noqa: SLF001 - the context this execution runs
+        if self.watch is not None:
+            self.watch.executor = executor
+
+    def on_execution_step(self, executor) -> None:
+        now = time.monotonic()
+        if self.watch is None or now - self.checked < node_loss.CHECK_EVERY_S:
+            return
+        self.checked = now
+        node_loss.check_nodes(self.watch)

@@ -25,12 +25,14 @@ class StopOnLostNode(ExecutionCallback):
 
     def before_execution_starts(self, executor) -> None:
         self.watch = node_loss.watch_of(executor._data_context)  # noqa: SLF001 - the context this execution runs
-        if self.watch is not None:
-            self.watch.executor = executor
 
     def on_execution_step(self, executor) -> None:
+        if self.watch is None:
+            return
+        # Every step (a list of a few tasks): Ray Data forgets them when the execution stops
+        self.watch.write_tasks = node_loss.write_tasks_of(executor)
         now = time.monotonic()
-        if self.watch is None or now - self.checked < node_loss.CHECK_EVERY_S:
+        if now - self.checked < node_loss.CHECK_EVERY_S:
             return
         self.checked = now
         node_loss.check_nodes(self.watch)

@@ -23,7 +23,7 @@ import math
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sentiment_ray.ray_cluster import ClusterTooSmallError, ResourceRequest
 
@@ -82,10 +82,11 @@ def scoring_actors_that_fit(request: StageRequest, nodes: list[dict], wanted: in
 
 @dataclass
 class PipelineWatch:
-    """One pipeline's nodes at its start, and its Ray Data executor once it started (to end its writes)."""
+    """One pipeline's nodes at its start, and its write tasks as of the executor's last step (Ray Data forgets
+    them when it stops a failed execution, and they must be ended before the driver reads the output)."""
 
     nodes_at_start: set[str]
-    executor: object | None = None
+    write_tasks: list = field(default_factory=list)  # Ray Data OpTasks of the write operator
 
 
 _WATCHES: dict[str, PipelineWatch] = {}  # the driver's pipelines running now, by the key in their DataContext
@@ -129,6 +130,15 @@ def check_nodes(watch: PipelineWatch) -> None:
         raise NodeLost(sorted(gone))
 
 
+def write_tasks_of(executor) -> list:
+    """The write operator's tasks running or waiting now (the last operator of the scoring pipeline)."""
+    try:
+        return list(executor._output_node[0].get_active_tasks())  # noqa: SLF001 - Ray Data's handle on its sink
+    except Exception:  # noqa: BLE001 - another Ray Data layout: nothing to end; the commit's check still holds
+        logger.debug("could not list the pipeline's write tasks", exc_info=True)
+        return []
+
+
 def end_writes(watch: PipelineWatch, timeout_s: float = 60.0) -> None:
     """Kill the stopped pipeline's write tasks and wait for them to end, before the driver reads the output.
 
@@ -138,18 +148,15 @@ def end_writes(watch: PipelineWatch, timeout_s: float = 60.0) -> None:
     process dies before its fragment's rename or upload, or after it: never half-way (storage.write_with)."""
     import ray
 
-    executor = watch.executor
-    try:
-        sink = executor._output_node[0]  # noqa: SLF001 - Ray Data's own handle on the write operator
-        tasks = list(sink.get_active_tasks())
-    except Exception:  # noqa: BLE001 - another Ray Data layout: nothing to end here; the commit check still holds
-        logger.warning("could not find the stopped pipeline's write tasks; some may still write", exc_info=True)
-        return
     refs = []
-    for task in tasks:
-        task._cancel(force=True)  # noqa: SLF001 - as Ray Data's own forced shutdown does
+    for task in watch.write_tasks:
+        try:
+            task._cancel(force=True)  # noqa: SLF001 - as Ray Data's own forced shutdown does
+        except Exception:  # noqa: BLE001 - already ended, or its worker already gone
+            logger.debug("could not cancel a write task", exc_info=True)
         waitable = task.get_waitable()
         refs.append(getattr(waitable, "_generator_ref", waitable))  # a streaming generator's task ref
+    watch.write_tasks = []
     if refs:
         _, left = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         logger.info("ended %d write task(s) of the stopped pipeline%s", len(refs) - len(left),

@@ -9,11 +9,12 @@ actors sized for the cluster the job saw at its start keep their CPUs and the sc
 
 So while a pipeline runs, a Ray Data execution callback compares the alive nodes with those the pipeline started
 on (once a second, on the executor's own loop) and raises `NodeLost` there, which ends the execution like any
-operator error. The driver then waits, at most `ray.wait_for_resources_s`, until one actor of each stage fits a
-node that is alive, and starts a new pipeline sized for those nodes on the rows that no committed fragment holds
-(the in-process equivalent of `--resume`; sentiment_ray/scoring/job.py). Where no node can hold a stage by the
-end of the wait, the job stops with `ClusterTooSmallError`: one line naming the stage and the resource, the
-output unfinished and resumable.
+operator error. The stopped pipeline's write tasks are killed and waited for (`end_writes`), so that none of them
+publishes a fragment later. The driver then waits, at most `ray.wait_for_resources_s`, until one actor of each
+stage fits a node that is alive, and starts a new pipeline sized for those nodes on the rows that no committed
+fragment holds (the in-process equivalent of `--resume`; sentiment_ray/scoring/job.py). Where no node can hold a
+stage by the end of the wait, the job stops with `ClusterTooSmallError`: one line naming the stage and the
+resource, the output unfinished and resumable.
 """
 
 from __future__ import annotations

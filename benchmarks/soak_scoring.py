@@ -2,6 +2,7 @@
 
     python benchmarks/soak_scoring.py --rows 100000 --rows 1000000
     python benchmarks/soak_scoring.py --rows 100000 --s3     # the output on a local S3 server (moto)
+    python benchmarks/soak_scoring.py --rows 100000 --kill-node   # a two-node cluster loses a node for good
 
 For each size: tile IMDB dev into `--files` Parquet files with unique ids, run `sentiment-ray score` (zero-shot,
 the tiny random Mistral, 2 scoring actors) as a subprocess with the actor-exit test hook armed, SIGKILL the
@@ -10,6 +11,11 @@ rerun the same command with --resume, then check rows in == rows out and 0 dupli
 driver process and of each scoring actor is sampled every 0.5 s with psutil. With --s3 the output goes to a
 bucket of a moto server this script starts (configured only through AWS_* variables). Prints one table row per
 size (and writes JSON with --json).
+
+With --kill-node, instead of the two kills: a two-node cluster on this machine (ray.cluster_utils.Cluster: a head
+with 2 CPUs and a node with 1, one `scorer` each, so each holds one of the 2 scoring actors) runs the command,
+and every process of the second node is SIGKILLed (its raylet included) once `--kill-at` of the units are
+committed, with no node joining after; the same run must finish on the head alone (issue 28).
 """
 
 from __future__ import annotations
@@ -135,6 +141,61 @@ def run_score(command: list[str], env: dict, log: Path, sampler: RssSampler,
     return time.perf_counter() - started, False
 
 
+def soak_node_kill(rows: int, args, work: Path) -> dict:
+    """One run on a two-node cluster whose second node is killed mid-run and not replaced."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from sentiment_ray.io.storage import location
+
+    inputs, output = work / f"in-{rows}", f"s3://soak-bucket/out-{rows}" if args.s3 else str(work / f"out-{rows}")
+    inputs.mkdir(parents=True)
+    tile_imdb(next(p for p in IMDB_CANDIDATES if p.exists()), rows, args.files, inputs, args.unit_rows)
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sr-soak-", dir="/tmp")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"scorer": 1},
+                                                            "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1, resources={"scorer": 1})
+    try:
+        command = [sys.executable, "-m", "sentiment_ray.cli", "score", "--input", str(inputs), "--output", output,
+                   "--pool-size", "2", "--batch-size", str(args.batch_size),
+                   "model.name_or_path=embedded:tiny-random-mistral", "model.dtype=float32", "num_cpus_per_actor=1",
+                   "actor_resources={scorer: 1}", f"unit_rows={args.unit_rows}", f"ray.address={cluster.address}",
+                   f"prompt.max_length={args.max_length}"]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        sampler = RssSampler()
+        started = time.perf_counter()
+        with open(work / f"node-kill-{rows}.log", "w") as out:
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            handle, killed_at, at_kill = psutil.Process(process.pid), None, None
+            while process.poll() is None:
+                sampler.sample(handle)
+                total = planned_units(output) if killed_at is None else None
+                if total and committed_units(output) >= max(1, int(total * args.kill_at)):
+                    at_kill, killed_at = committed_units(output), time.perf_counter()
+                    cluster.remove_node(worker, allow_graceful=False)  # the raylet and its workers, SIGKILL
+                time.sleep(0.5)
+        ended = time.perf_counter()
+        if process.returncode != 0:
+            raise RuntimeError(f"score exited {process.returncode}; see {work / f'node-kill-{rows}.log'}")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    folder = location(output)
+    dataset = pads.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
+    ids = dataset.to_table(columns=["id"]).column("id")
+    manifest = json.loads(folder.join("_sentiment_ray_manifest.json").read_text())
+    log = (work / f"node-kill-{rows}.log").read_text()
+    return {
+        "rows_in": rows, "rows_out": len(ids), "duplicate_ids": len(ids) - pc.count_distinct(ids).as_py(),
+        "node_killed": killed_at is not None, "pipelines_reformed": log.count("re-forming the pipeline"),
+        "units": manifest["units"]["total"], "units_committed_at_kill": at_kill,
+        "run_s": round(ended - started, 1), "after_kill_s": round(ended - killed_at, 1) if killed_at else None,
+        "rows_per_s": round(rows / (ended - started), 1),
+        "driver_peak_rss_mb": round(sampler.driver_peak / 2**20),
+        "status_counts": manifest["status_counts"],
+    }
+
+
 def soak(rows: int, args, work: Path) -> dict:
     inputs = work / f"in-{rows}"
     output = f"s3://soak-bucket/out-{rows}" if args.s3 else str(work / f"out-{rows}")
@@ -189,18 +250,24 @@ def main() -> None:
     parser.add_argument("--work", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--s3", action="store_true", help="write the output to a moto S3 server started here")
+    parser.add_argument("--kill-node", action="store_true",
+                        help="a two-node cluster loses its second node for good mid-run, instead of the two kills")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="soak-scoring-"))
     work.mkdir(parents=True, exist_ok=True)
     server = start_s3_server(work) if args.s3 else None
     try:
-        results = [soak(rows, args, work) for rows in args.rows or [100_000]]
+        run = soak_node_kill if args.kill_node else soak
+        results = [run(rows, args, work) for rows in args.rows or [100_000]]
     finally:
         if server is not None:
             server.kill()
     columns = ["rows_in", "rows_out", "duplicate_ids", "actor_killed", "driver_killed", "units",
                "units_committed_at_kill", "first_run_s", "resume_run_s", "rows_per_s", "driver_peak_rss_mb",
                "actor_peak_rss_mb"]
+    if args.kill_node:
+        columns = ["rows_in", "rows_out", "duplicate_ids", "node_killed", "pipelines_reformed", "units",
+                   "units_committed_at_kill", "run_s", "after_kill_s", "rows_per_s", "driver_peak_rss_mb"]
     print("  ".join(columns))
     for result in results:
         print("  ".join(str(result[c]) for c in columns))

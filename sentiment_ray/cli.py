@@ -23,6 +23,7 @@ from sentiment_ray.model.errors import AdapterError
 from sentiment_ray.model.labels import LabelError
 from sentiment_ray.model.prompt import PromptError
 from sentiment_ray.ops.logging_setup import configure_logging, level_from_env
+from sentiment_ray.ops.ray_cluster import ClusterTooSmallError
 from sentiment_ray.ops.signals import Terminated, sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM
-EXIT_ENVIRONMENT = 1  # the disk, a quota or a store refused a write: not the user's input, nor a bug
+EXIT_ENVIRONMENT = 1  # the disk, a quota or a store refused a write, a cluster too small after losing a node
 
 
 def _interrupted_hint(args) -> str:
@@ -367,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("the write that failed", exc_info=True)  # its traceback, for -v
         print(f"sentiment-ray {args.command}: error: {one_line(exc)}{_interrupted_hint(args)}",
               file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except ClusterTooSmallError as exc:  # its line names the stage, the resource and --resume itself
+        logger.debug("the cluster left after losing a node", exc_info=True)
+        print(f"sentiment-ray {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except KeyboardInterrupt as exc:
         if isinstance(exc, Terminated):

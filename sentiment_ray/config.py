@@ -189,12 +189,17 @@ class RayConfig:
     run_name: str | None = None
     max_failures: int = 2  # training worker failures Ray Train recovers from (from the last checkpoint); -1: any
     checkpoints_to_keep: int = 2  # in storage_path; the finished adapter is always the latest
+    # Scoring: after losing a node, how long the job waits for a node that can hold a stage none of the nodes left
+    # can hold (an autoscaler may bring one) before it stops with one line, resumable (docs/RESILIENCE.md).
+    wait_for_resources_s: float = 600.0
 
     def __post_init__(self):
         _positive("ray.cpus_per_worker", self.cpus_per_worker)
         _positive("ray.num_workers", self.num_workers)
         _positive("ray.gpus_per_worker", self.gpus_per_worker)
         _positive("ray.checkpoints_to_keep", self.checkpoints_to_keep)
+        if self.wait_for_resources_s < 0:
+            raise ConfigError(f"ray.wait_for_resources_s must be >= 0, got {self.wait_for_resources_s}")
         if self.max_failures < -1:
             raise ConfigError(f"ray.max_failures must be >= -1 (-1: no limit), got {self.max_failures}")
 

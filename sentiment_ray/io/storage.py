@@ -210,9 +210,13 @@ class Location:
         """Copy a finished local file here, atomically (see the module's doc); returns self."""
         if self.is_local:
             return self.write_with(lambda stream: _copy_stream(pa.OSFile(str(local_file), "rb"), stream))
-        with self._errors_named("write"), pa.OSFile(str(local_file), "rb") as source, \
-                self.filesystem.open_output_stream(self.path) as stream:
-            _copy_stream(source, stream)
+        # One call into Arrow's C++, which opens, copies and closes the object: a Python exception raised in this
+        # thread meanwhile (ray.cancel's KeyboardInterrupt in a write task of a stopped pipeline) is seen only once
+        # it returns. Copied from Python, the stream's close on that exception committed what was copied so far,
+        # and a 0-byte fragment stood under its final name (seen on S3 after a lost node, issue 28).
+        with self._errors_named("write"):
+            pafs.copy_files(str(local_file), self.path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.filesystem, use_threads=False)
         return self
 
     def makedirs(self) -> None:

@@ -58,6 +58,11 @@ class UnmeetableResourcesError(ConfigError):
     """A request that no node of the cluster can ever meet: the job would wait for it forever."""
 
 
+class ClusterTooSmallError(RuntimeError):
+    """After losing nodes mid-run, no node left can hold an actor of a stage and none joined within
+    ray.wait_for_resources_s (exit 1: the cluster, not the user's input; a score output stays resumable)."""
+
+
 def check_requests_fit(requests: list[ResourceRequest], nodes: list[dict] | None = None,
                        may_add_nodes: bool | None = None) -> None:
     """Refuse (UnmeetableResourcesError, exit 2) a request that no alive node can meet, before any work starts:

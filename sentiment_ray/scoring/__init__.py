@@ -7,6 +7,8 @@
     output.py  the output folder: what may be done with it, fragments, what a resume has left to score
     progress.py  the driver's progress line: rows scored, rows/s, time left
     manifest.py  the manifest: the commit marker, and what `score` returns
+    node_loss.py  a lost node: the pipeline stopped, re-formed on the nodes left, or a bounded wait
+    lost_node_callback.py  the Ray Data execution callback that notices the loss on the executor's loop
     job.py     the chain, on the driver
 """
 

@@ -22,6 +22,16 @@ from sentiment_ray.ops.faults import FaultPlan
 from sentiment_ray.ops.logging_setup import level_for_workers
 from sentiment_ray.ops.ray_cluster import ResourceRequest
 from sentiment_ray.scoring.manifest import ScoreManifest, Timeline, UnitCounts
+from sentiment_ray.scoring.node_loss import (
+    NodeLost,
+    PipelineWatch,
+    StageRequest,
+    alive_nodes,
+    end_writes,
+    lost_node_inside,
+    scoring_actors_that_fit,
+    wait_for_room,
+)
 from sentiment_ray.scoring.output import (
     OutputState,
     ScoreOutput,
@@ -143,8 +153,8 @@ def _score(cfg: ScoreConfig, started_at: float, lock: RunLock | StoreRunLock | N
     written: dict[str, dict] = {}
     activity = milestones = None
     if pending:
-        written, activity, milestones = _run_pipeline(cfg, inputs, plan, pending, scoring_model, output,
-                                                      connected[0] if connected else _connect_ray(cfg))
+        written, activity, milestones = _score_pending(cfg, inputs, plan, pending, scoring_model, output,
+                                                       connected[0] if connected else _connect_ray(cfg))
     seconds = time.perf_counter() - started
     if lock is not None:
         lock.verify()  # a run that stalled past its lease and lost the output to another deletes and commits nothing
@@ -237,19 +247,66 @@ def _connect_ray(cfg: ScoreConfig) -> float:
     return time.time()
 
 
-def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pending, scoring_model: ScoringModel,
-                  output: ScoreOutput, ray_ready: float) -> tuple[dict[str, dict], StageActivity, PipelineMilestones]:
+def _score_pending(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pending: list[PendingRows],
+                   scoring_model: ScoringModel, output: ScoreOutput,
+                   ray_ready: float) -> tuple[dict[str, dict], StageActivity, PipelineMilestones]:
+    """The pending rows through one pipeline; where a node it started on is lost, through a new one sized for the
+    nodes left, over the rows that no committed fragment holds yet, as often as nodes are lost (node_loss.py)."""
     import ray
 
     run_id = uuid.uuid4().hex
-    ledger = run_ledger(run_id, output.folder.uri, pending)  # held by the driver: it lives as long as this run
+    # Held by the driver: it lives as long as this run, across its pipelines, so the stage's activity and the
+    # progress line count every pipeline's batches.
+    ledger = run_ledger(run_id, output.folder.uri, pending)
+    written: dict[str, dict] = {}
+    pool = min(cfg.pool_size, len(pending))
+    with ProgressReporter(lambda: ray.get(ledger.rows_scored.remote(), timeout=10),
+                          sum(p.rows.rows for p in pending)):
+        while pending:
+            try:
+                written.update(_run_pipeline(cfg, inputs, plan, pending, scoring_model, output, run_id, pool))
+                break
+            except NodeLost as lost:
+                pending, pool = _reform_after(lost, cfg, output, plan)
+    activity = ray.get(ledger.activity.remote())
+    pipeline_started, actor_ready = ray.get(ledger.milestones.remote())
+    return written, activity, PipelineMilestones(ray_ready, pipeline_started, actor_ready)
+
+
+def _stage_requests(cfg: ScoreConfig) -> list[StageRequest]:
+    from sentiment_ray.ops.ray_cluster import score_requests
+
+    scoring, tokenizing = score_requests(cfg)
+    return [StageRequest.of("ScoreStage", scoring), StageRequest.of("PrepareStage", tokenizing)]
+
+
+def _reform_after(lost: NodeLost, cfg: ScoreConfig, output: ScoreOutput,
+                  plan: ScorePlan) -> tuple[list[PendingRows], int]:
+    """After a lost node: once the nodes left (or joined) hold one actor of each stage, the rows still pending and
+    the scoring actors for the next pipeline. Raises ClusterTooSmallError after ray.wait_for_resources_s."""
+    requests = _stage_requests(cfg)
+    logger.warning("%s; the pipeline stopped, to go on with the nodes left", lost)
+    nodes = wait_for_room(requests, cfg.ray.wait_for_resources_s, lost)
+    pending = _pending_rows(output, plan)  # as --resume: the fragments committed so far stay, the rest is redone
+    pool = scoring_actors_that_fit(requests[0], list(nodes.values()), min(cfg.pool_size, max(1, len(pending))))
+    logger.warning("re-forming the pipeline on %d node(s): %d scoring actor(s), %d rows in %d piece(s) still to "
+                   "score", len(nodes), pool, sum(p.rows.rows for p in pending), len(pending))
+    return pending, pool
+
+
+def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pending, scoring_model: ScoringModel,
+                  output: ScoreOutput, run_id: str, pool: int) -> dict[str, dict]:
+    """One streaming pipeline over `pending` with `pool` scoring actors; returns the fragments it wrote. Raises
+    NodeLost where a node it started on is lost."""
+    import ray
+
+    nodes_at_start = set(alive_nodes())
     spec = ReadSpec(inputs.id_column, cfg.text_column, tuple(cfg.keep_columns), inputs.derived_ids,
                     cfg.skip_unreadable_files, inputs.schema, output.folder.uri)
     log_level = level_for_workers()  # the workers log at the driver's level (-v, -q, SENTIMENT_RAY_LOG_LEVEL)
     model_args = {"adapter": scoring_model.adapter, "weights_sha256": scoring_model.weights_sha256,
                   "model": scoring_model.model, "prompt": scoring_model.prompt, "log_level": log_level}
     faults = FaultPlan.from_env(default_marker=_fault_marker(output))
-    pool = min(cfg.pool_size, len(pending))
     dataset = ray.data.read_datasource(unit_datasource(pending, spec, cfg.batch_size * 4, log_level),
                                        override_num_blocks=len(pending), num_cpus=cfg.io_cpus)
     prepare_actors, prepare_cpus = _prepare_pool(cfg, pool)
@@ -268,29 +325,43 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
             "files": inputs.paths, "unit_files": [u.file_index for u in plan.units], "faults": faults.to_dict()},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, resources=cfg.actor_resources or None,
+        # A fixed size, not an autoscaling pool: Ray Data shrinks a pool only by idle actors, and a scoring actor
+        # that died with its node holds its batches while it waits to restart, so a smaller pool would not free it;
+        # after a lost node the pipeline re-forms with the actors that fit the nodes left (node_loss.py).
         compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=cfg.batches_in_flight))
     sink = fragment_datasink(output.folder.uri, inputs.schema, {p.unit_index: p.unit for p in pending},
                              plan.rows_per_unit, ledger_name(run_id), faults.to_dict())
-    rows_to_score = sum(p.rows.rows for p in pending)
-    try:
-        with ProgressReporter(lambda: ray.get(ledger.rows_scored.remote(), timeout=10), rows_to_score):
+    # Watched on the executor's own loop: a node lost mid-run stops this pipeline rather than leaving it to wait
+    # for an actor that cannot be placed again.
+    from sentiment_ray.scoring.lost_node_callback import watching  # imports Ray Data's internals
+
+    with watching(dataset, nodes_at_start) as watch:
+        try:
             # Writes reserve no CPU. Ray Data reserves CPUs for operators upstream first, so on a node whose CPUs
             # the actor pools hold, a write task that asked for a share waited until every read was done (seen on
             # 3 logical CPUs): rows piled up in the object store and nothing was committed until the end.
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
-    except Exception as exc:
-        user_error = _input_error_inside(exc)
-        if user_error is not None:
-            raise user_error from None
-        write_error = _write_error_inside(exc)
-        if write_error is not None:  # a full disk: one line, exit 1; the fragments written so far stay for --resume
-            logger.debug("a write task failed", exc_info=True)
-            raise write_error from None
-        raise
-    activity = ray.get(ledger.activity.remote())
-    pipeline_started, actor_ready = ray.get(ledger.milestones.remote())
-    return ({w["fragment"]: w for w in sink.written}, activity,
-            PipelineMilestones(ray_ready, pipeline_started, actor_ready))
+        except Exception as exc:
+            _raise_known_error(exc, watch)
+            raise
+    return {w["fragment"]: w for w in sink.written}
+
+
+def _raise_known_error(exc: Exception, watch: PipelineWatch) -> None:
+    """A failed pipeline's error as the command reports it, where it is one it knows: the user's input, a refused
+    write, a lost node (after the pipeline's writes are ended). Returns for any other."""
+    user_error = _input_error_inside(exc)
+    if user_error is not None:
+        raise user_error from None
+    write_error = _write_error_inside(exc)
+    if write_error is not None:  # a full disk: one line, exit 1; the fragments written so far stay for --resume
+        logger.debug("a write task failed", exc_info=True)
+        raise write_error from None
+    lost = lost_node_inside(exc, watch.nodes_at_start)
+    if lost is not None:
+        logger.debug("the pipeline stopped", exc_info=True)
+        end_writes(watch)
+        raise lost from None
 
 
 def _prepare_pool(cfg: ScoreConfig, scoring_actors: int) -> tuple[int, float]:

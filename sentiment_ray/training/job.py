@@ -469,6 +469,13 @@ def _worker_errors(error: BaseException) -> list[BaseException]:
     return found
 
 
+def _failure_summary(error: BaseException) -> str:
+    """The first worker failure, in one line: the type and first line of what the worker raised."""
+    first = next(iter(_worker_errors(error)), error)
+    text = str(first).strip().splitlines()
+    return f"{type(first).__name__}: {text[0][:200]}" if text else type(first).__name__
+
+
 def user_error_inside(error: BaseException) -> BaseException | None:
     """The user error (see _user_error_types) a training worker raised; None for any other failure."""
     kinds = _user_error_types()
@@ -487,7 +494,13 @@ def user_errors_not_retried(failure_config):
             if user_error_inside(training_failed_error) is not None:
                 logger.info("a training worker failed with a user error; not retrying it")
                 return FailureDecision.RAISE
-            return super().make_decision(training_failed_error)
+            decision = super().make_decision(training_failed_error)
+            if decision == FailureDecision.RETRY:
+                # A warning: this runs in Ray Train's controller actor, whose stderr reaches the driver's log.
+                logger.warning("training worker failure (a worker process died or its node was lost: %s); Ray "
+                               "Train restarts the workers (ray.max_failures=%s), which resume from the run's latest "
+                               "checkpoint", _failure_summary(training_failed_error), failure_config.max_failures)
+            return decision
 
     return UserErrorsNotRetried(failure_config)
 

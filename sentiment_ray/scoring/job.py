@@ -274,8 +274,6 @@ def _score_pending(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendi
 
 
 def _stage_requests(cfg: ScoreConfig) -> list[StageRequest]:
-    from sentiment_ray.ops.ray_cluster import score_requests
-
     scoring, tokenizing = score_requests(cfg)
     return [StageRequest.of("ScoreStage", scoring), StageRequest.of("PrepareStage", tokenizing)]
 

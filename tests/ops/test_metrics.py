@@ -25,7 +25,8 @@ from sentiment_ray.training.job import run_finetune
 from tests.conftest import REPO_ROOT, write_reviews
 
 pytestmark = pytest.mark.timeout(300)
-EXPORT_DEADLINE_S = 60  # the agent exports every ~10 s; a dead actor's last values arrive as it exits
+# The agent exports every ~10 s; a dead actor's last values arrive as it exits (later on 2 busy cores).
+EXPORT_DEADLINE_S = 120
 PROMETHEUS = "ray_sentiment_ray_"
 
 

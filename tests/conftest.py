@@ -208,3 +208,34 @@ def assert_same_rows(actual: dict, expected: dict) -> None:
         if (score is None) != (want is None) or (score is not None and abs(score - want) > RESCORED_TOLERANCE):
             far.append((key, score, want))
     assert not far, f"{len(far)} scores differ by more than {RESCORED_TOLERANCE}, e.g. {far[:3]}"
+
+
+def run_cluster_scenario(module: str, scenario: dict, work: Path, extra_env: dict[str, str], timeout_s: int) -> dict:
+    """Run `python -m <module> <scenario.json>` (a test module that builds a ray.cluster_utils.Cluster) in its own
+    process group and Ray temp folder, apart from the session's Ray, and return the JSON it wrote at
+    scenario["result"]. Whatever the cluster started (raylets, workers) is killed with the group when it ends."""
+    import contextlib
+    import json
+    import signal
+    import subprocess
+
+    scenario_file = work / "scenario.json"
+    scenario_file.write_text(json.dumps(scenario))
+    ray_tmp = tempfile.mkdtemp(prefix="sr-clu-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp, **extra_env}
+    log_file = work / "cluster.log"
+    with open(log_file, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", module, str(scenario_file)], cwd=REPO_ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail(f"the cluster scenario did not end within {timeout_s} s: {log_file.read_text()[-6000:]}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert process.returncode == 0, log_file.read_text()[-8000:]
+    return json.loads(Path(scenario["result"]).read_text())

@@ -1,6 +1,6 @@
 """Storage and files, at the bottom of the package: it imports nothing else of sentiment_ray.
 
-    errors.py     InputError, and quoting values in one-line messages
+    errors.py     InputError, quoting values in one-line messages, the causes under a wrapped error
     storage.py    one API over local disk and object stores (s3://, gs://) through pyarrow.fs
     inputs.py     finding, checking and reading review Parquet; every error names the file, column and row
     outputs.py    output folders: never overwritten silently, never looking finished while half-written

@@ -1,4 +1,5 @@
-"""The error every bad input raises, and how a message quotes what it names: one line, values cut short."""
+"""The error every bad input raises, how a message quotes what it names (one line, values cut short), and the
+walk through the layers Ray wraps around an error."""
 
 from __future__ import annotations
 
@@ -26,3 +27,16 @@ def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
 def quoted_list(values: list) -> str:
     """A list of values for a message, each cut as `quoted` cuts it."""
     return "[" + ", ".join(quoted(v) for v in values) + "]"
+
+
+def causes(exc: BaseException):
+    """`exc` and every exception under it (causes, contexts, Ray's `cause`), each once: Ray and Ray Data wrap what
+    a task raised in layers of their own."""
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]

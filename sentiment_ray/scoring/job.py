@@ -14,7 +14,7 @@ import time
 import uuid
 
 from sentiment_ray.config import ScoreConfig, to_dict
-from sentiment_ray.io.errors import InputError, one_line
+from sentiment_ray.io.errors import InputError, causes, one_line
 from sentiment_ray.io.outputs import OutputExistsError, refuse_overlap
 from sentiment_ray.io.run_lock import RunLock, StoreRunLock
 from sentiment_ray.io.storage import OutputWriteError, location
@@ -397,18 +397,6 @@ def _fault_marker(output: ScoreOutput) -> str:
     return f"{tempfile.gettempdir()}/sentiment-ray-fault-{digest}"
 
 
-def _causes(exc: BaseException):
-    """`exc` and every exception under it (causes, contexts, Ray's `cause`), each once."""
-    seen, todo = set(), [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
-
-
 def _input_error_inside(exc: BaseException) -> InputError | None:
     """The InputError a task or actor raised, out of the layers Ray and Ray Data wrap around it (the chain of
     causes does not always survive the trip back to the driver; the traceback text does)."""
@@ -417,7 +405,7 @@ def _input_error_inside(exc: BaseException) -> InputError | None:
     found = re.search(re.escape(f"{InputError.__module__}.{InputError.__name__}: ") + "(.+)", str(exc))
     if found:
         return InputError(found.group(1).strip().splitlines()[0])
-    for current in _causes(exc):
+    for current in causes(exc):
         if isinstance(current, InputError):
             return InputError(str(current).splitlines()[0])
     return None
@@ -434,7 +422,7 @@ def _write_error_inside(exc: BaseException) -> OutputWriteError | None:
     found = re.search(re.escape(f"{OutputWriteError.__module__}.{OutputWriteError.__name__}: ") + "(.+)", str(exc))
     if found:
         return OutputWriteError(found.group(1).strip().splitlines()[0])
-    for current in _causes(exc):
+    for current in causes(exc):
         if isinstance(current, OutputWriteError):
             return OutputWriteError(str(current).splitlines()[0])
         if isinstance(current, OSError) and current.errno in WRITE_REFUSED_ERRNOS:

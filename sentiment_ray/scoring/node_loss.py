@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from sentiment_ray.io.errors import causes
 from sentiment_ray.ops.ray_cluster import ClusterTooSmallError, ResourceRequest
 
 logger = logging.getLogger(__name__)
@@ -146,15 +147,9 @@ def lost_node_inside(exc: BaseException, nodes_at_start: set[str]) -> NodeLost |
     """The NodeLost that stopped the pipeline; or, for a pipeline that failed some other way (an object or an
     actor lost with its node) while a node it started on is gone, a NodeLost naming those nodes. None: the failure
     is not a lost node's, and is raised as it is."""
-    seen, todo = set(), [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, NodeLost):
-            return current
-        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    found = next((current for current in causes(exc) if isinstance(current, NodeLost)), None)
+    if found is not None:
+        return found
     try:
         gone = nodes_at_start - set(alive_nodes())
     except Exception:  # noqa: BLE001 - Ray itself gone: the original error says more

@@ -10,14 +10,9 @@ RAY_TMPDIR), and whatever it starts dies with its process group.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -27,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO_ROOT, assert_same_rows
+from tests.conftest import REPO_ROOT, assert_same_rows, run_cluster_scenario
 
 pytestmark = pytest.mark.timeout(900)
 FILES, ROWS_PER_FILE, ROW_GROUP = 4, 1000, 100
@@ -158,28 +153,8 @@ def cluster_runs(random_adapter, tmp_path_factory) -> tuple[dict, Path]:
     records.mkdir()
     scenario = {"adapter": str(random_adapter), "input": str(inputs), "uninterrupted": str(work / "uninterrupted"),
                 "killed": str(work / "killed"), "result": str(work / "result.json")}
-    (work / "scenario.json").write_text(json.dumps(scenario))
-    ray_tmp = tempfile.mkdtemp(prefix="sr-clu-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
-           RECORDS_ENV: str(records)}
-    with open(work / "cluster.log", "w") as log:
-        scenario_file = str(work / "scenario.json")
-        process = subprocess.Popen([sys.executable, "-m", "tests.scoring.test_scoring_cluster", scenario_file],
-                                   cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            process.wait(timeout=780)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            pytest.fail(f"the cluster scenario did not end within 780 s: {(work / 'cluster.log').read_text()[-5000:]}")
-        finally:
-            # anything of the cluster's that outlived its driver (raylets, workers) in its process group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert process.returncode == 0, (work / "cluster.log").read_text()[-8000:]
-    return json.loads(Path(scenario["result"]).read_text()), work
+    return run_cluster_scenario("tests.scoring.test_scoring_cluster", scenario, work, {RECORDS_ENV: str(records)},
+                                timeout_s=780), work
 
 
 def _scores(output: Path) -> dict:

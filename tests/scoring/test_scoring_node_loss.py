@@ -16,15 +16,10 @@ process group.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -34,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO_ROOT, assert_same_rows
+from tests.conftest import REPO_ROOT, assert_same_rows, run_cluster_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 FILES, ROWS_PER_FILE, ROW_GROUP = 2, 480, 96
@@ -195,27 +190,9 @@ def node_loss_runs(random_adapter, s3_server, tmp_path_factory) -> tuple[dict, P
     bucket = s3_server.create_bucket(f"sr-node-loss-{uuid.uuid4().hex[:8]}")
     scenario = {"adapter": str(random_adapter), "input": str(inputs), "local": str(work / "local"),
                 "s3": f"{bucket}/scored", "stranded": str(work / "stranded"), "result": str(work / "result.json")}
-    (work / "scenario.json").write_text(json.dumps(scenario))
-    ray_tmp = tempfile.mkdtemp(prefix="sr-nl-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
-           RECORDS_ENV: str(work / "actor-nodes")}  # the AWS_* variables of s3_server included
-    with open(work / "cluster.log", "w") as log:
-        scenario_path = str(work / "scenario.json")
-        process = subprocess.Popen([sys.executable, "-m", "tests.scoring.test_scoring_node_loss", scenario_path],
-                                   cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            process.wait(timeout=540)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            pytest.fail(f"no end within 540 s: {(work / 'cluster.log').read_text()[-6000:]}")
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert process.returncode == 0, (work / "cluster.log").read_text()[-8000:]
-    return json.loads(Path(scenario["result"]).read_text()), scenario
+    # the environment passed on holds the AWS_* variables of s3_server
+    return run_cluster_scenario("tests.scoring.test_scoring_node_loss", scenario, work,
+                                {RECORDS_ENV: str(work / "actor-nodes")}, timeout_s=540), scenario
 
 
 def _rows(output: str) -> dict:

@@ -57,12 +57,15 @@ print("PIPELINE-RESULT " + json.dumps({"rows": len(labels), "load_seconds": load
 """
 
 
-def run_score(config: str, adapter: Path, inputs: Path, output: Path, overrides: list[str]) -> dict:
+def run_score(config: str, adapter: Path, inputs: Path, output: Path, overrides: list[str],
+              log_file: Path | None = None) -> dict:
     command = [sys.executable, "-m", "sentiment_ray.cli", "score", "--config", config, "--adapter", str(adapter),
                "--input", str(inputs), "--output", str(output), "--overwrite", *overrides]
     started = time.perf_counter()
     child = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - started
+    if log_file is not None:  # the whole job log, for profiling where its seconds went
+        log_file.write_text(child.stderr)
     if child.returncode != 0:
         print(child.stdout[-3000:], child.stderr[-8000:])
         raise SystemExit(f"score failed: {command}")
@@ -128,8 +131,9 @@ def main() -> None:
               "pipeline": []}
     pipeline_rows = [n for n in args.pipeline_rows if n]
     inputs = {n: tile(args.data, n, work / f"in-{n}") for n in {*args.rows, *pipeline_rows}}
-    for n in args.rows:
-        result = run_score(args.config, adapter, inputs[n], work / f"out-{n}", overrides)
+    for i, n in enumerate(args.rows):
+        result = run_score(args.config, adapter, inputs[n], work / f"out-{n}", overrides,
+                           log_file=out / f"score-{i}-{n}.log")
         report["score"].append(result)
         print(f"[peer] score {n} rows: {result['seconds']:.1f} s, {result['end_to_end']:.1f} rows/s end to end, "
               f"steady {result['steady_busy_minus_capture']:.1f} (busy-capture) / {result['steady_span']:.1f} (span); "

@@ -27,7 +27,7 @@ from sentiment_ray.scoring.node_loss import (
     PipelineWatch,
     StageRequest,
     alive_nodes,
-    end_writes,
+    end_pipeline,
     lost_node_inside,
     scoring_actors_that_fit,
     wait_for_room,
@@ -347,7 +347,7 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
 
 def _raise_known_error(exc: Exception, watch: PipelineWatch) -> None:
     """A failed pipeline's error as the command reports it, where it is one it knows: the user's input, a refused
-    write, a lost node (after the pipeline's writes are ended). Returns for any other."""
+    write, a lost node (after the pipeline's actors and writes are ended). Returns for any other."""
     user_error = _input_error_inside(exc)
     if user_error is not None:
         raise user_error from None
@@ -358,7 +358,7 @@ def _raise_known_error(exc: Exception, watch: PipelineWatch) -> None:
     lost = lost_node_inside(exc, watch.nodes_at_start)
     if lost is not None:
         logger.debug("the pipeline stopped", exc_info=True)
-        end_writes(watch)
+        end_pipeline(watch)
         raise lost from None
 
 

@@ -703,6 +703,7 @@ def _commit_adapter(result, plan: FinetunePlan):
         if final.is_local:
             commit(staging, Path(final.path), overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
         else:  # an object store: the adapter is fetched into a local folder, then uploaded file by file
+            # A store refusing it raises OutputWriteError (exit 1), the staging folder kept and named
             upload_output(staging, final, overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
             shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:

@@ -21,12 +21,11 @@ sentiment_ray/scoring/job.py). Where no node can hold a stage by the end of the 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
 from sentiment_ray.io.errors import causes
-from sentiment_ray.ops.ray_cluster import ClusterTooSmallError, ResourceRequest
+from sentiment_ray.ops.ray_cluster import ClusterTooSmallError, ResourceRequest, alive_nodes, amounts, how_many_fit
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +56,13 @@ class StageRequest:
 
     def actors_on(self, node: dict) -> int:
         """How many of these actors the node's total resources hold."""
-        if not self.resources:
-            return 1 << 30
-        return min(math.floor(node.get(name, 0) / amount + 1e-9) for name, amount in self.resources.items())
+        return how_many_fit(self.resources, node)
 
     def missing(self, nodes: list[dict]) -> list[str]:
         """The resources of the request that no node has enough of (all of them where each is somewhere but
         never all on one node)."""
         short = [name for name, amount in self.resources.items() if all(n.get(name, 0) < amount for n in nodes)]
         return short or sorted(self.resources)
-
-
-def alive_nodes() -> dict[str, dict]:
-    """Node id -> total resources, of the nodes the GCS has alive now."""
-    import ray
-
-    return {n["NodeID"]: n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")}
 
 
 def scoring_actors_that_fit(request: StageRequest, nodes: list[dict], wanted: int) -> int:
@@ -210,7 +200,7 @@ def wait_for_room(requests: list[StageRequest], wait_s: float, lost: NodeLost, p
         if not announced:
             logger.warning("stage %s needs %s per actor and none of the %d node(s) left after the loss of %s has "
                            "that; waiting up to %.0f s (ray.wait_for_resources_s) for the cluster to grow",
-                           homeless.stage, _amounts(homeless.resources), len(nodes),
+                           homeless.stage, amounts(homeless.resources), len(nodes),
                            ", ".join(n[:12] for n in lost.nodes), wait_s)
             announced = True
         time.sleep(poll_s)
@@ -218,10 +208,6 @@ def wait_for_room(requests: list[StageRequest], wait_s: float, lost: NodeLost, p
 
 def _too_small(request: StageRequest, nodes: list[dict], lost: NodeLost, waited: float) -> str:
     missing = request.missing(nodes)
-    return (f"stage {request.stage} needs {_amounts(request.resources)} per actor and no node the cluster has left "
+    return (f"stage {request.stage} needs {amounts(request.resources)} per actor and no node the cluster has left "
             f"after losing {len(lost.nodes)} node(s) has {' and '.join(repr(m) for m in missing)} for it; waited "
             f"{waited:.0f} s (ray.wait_for_resources_s) for a node to join; the output is resumable with --resume")
-
-
-def _amounts(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{name!r}: {amount:g}" for name, amount in resources.items()) + "}"

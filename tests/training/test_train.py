@@ -287,7 +287,7 @@ def _a_finished_training_run(monkeypatch, to_directory) -> None:
     monkeypatch.setattr(ray_cluster, "ensure_ray", lambda cfg: None)
     monkeypatch.setattr(ray_cluster, "check_requests_fit", lambda requests: None)
     monkeypatch.setattr(train_data, "worker_datasets", lambda training, cfg: {})
-    monkeypatch.setattr(train, "_interruptible_trainer_class", lambda: Trained)
+    monkeypatch.setattr(train, "_interruptible_trainer_class", lambda wait_s, rerun: Trained)
 
 
 def _finetune_command(tiny_model_dir, train_file, out, storage) -> list[str]:

@@ -165,8 +165,17 @@ def end_pipeline(watch: PipelineWatch, timeout_s: float = 60.0) -> None:
     refs += [actor.__ray_ready__.remote() for actor in actors]
     if refs:
         _, left = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        logger.info("ended %d actor(s) and %d write task(s) of the stopped pipeline%s", len(actors), writes,
+        logger.info("ended %d actor(s) (%s) and %d write task(s) of the stopped pipeline%s", len(actors),
+                    ", ".join(_class_name(actor) for actor in actors), writes,
                     f"; {len(left)} did not end within {timeout_s:.0f} s" if left else "")
+
+
+def _class_name(actor) -> str:
+    """`MapWorker(MapBatches(ScoreStage))`: which pool an actor is of, for the log."""
+    try:
+        return actor._ray_actor_creation_function_descriptor.class_name  # noqa: SLF001
+    except AttributeError:
+        return "actor"
 
 
 def lost_node_inside(exc: BaseException, nodes_at_start: set[str]) -> NodeLost | None:

@@ -184,13 +184,17 @@ class RayConfig:
     num_workers: int = 1
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0  # only with use_gpu (Unsloth and DDP want one whole GPU per worker)
+    # Custom Ray resources each training worker asks for besides its CPUs and GPU, e.g. {trainer: 1} to keep the
+    # workers on nodes started with `--resources '{"trainer": 1}'` (one worker per such node).
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     storage_path: str | None = None  # Ray Train checkpoints; must be shared storage on a multi-node cluster
     # A rerun with the same run_name and storage_path resumes that run from its latest checkpoint.
     run_name: str | None = None
     max_failures: int = 2  # training worker failures Ray Train recovers from (from the last checkpoint); -1: any
     checkpoints_to_keep: int = 2  # in storage_path; the finished adapter is always the latest
-    # Scoring: after losing a node, how long the job waits for a node that can hold a stage none of the nodes left
-    # can hold (an autoscaler may bring one) before it stops with one line, resumable (docs/RESILIENCE.md).
+    # After losing a node, how long a job waits for a node to join (an autoscaler's, a replacement) where the nodes
+    # left cannot hold it: a scoring stage none of them can hold, or finetune's ray.num_workers workers. Then it
+    # stops with one line, resumable (docs/RESILIENCE.md).
     wait_for_resources_s: float = 600.0
 
     def __post_init__(self):
@@ -198,6 +202,7 @@ class RayConfig:
         _positive("ray.num_workers", self.num_workers)
         _positive("ray.gpus_per_worker", self.gpus_per_worker)
         _positive("ray.checkpoints_to_keep", self.checkpoints_to_keep)
+        _resource_amounts("ray.resources_per_worker", self.resources_per_worker)
         if self.wait_for_resources_s < 0:
             raise ConfigError(f"ray.wait_for_resources_s must be >= 0, got {self.wait_for_resources_s}")
         if self.max_failures < -1:
@@ -310,12 +315,7 @@ class ScoreConfig:
             _positive("prepare_actors", self.prepare_actors)
         if self.io_cpus < 0 or self.num_cpus_per_prepare_actor < 0:
             raise ConfigError("io_cpus and num_cpus_per_prepare_actor must be >= 0")
-        if not isinstance(self.actor_resources, dict):
-            raise ConfigError("actor_resources must be a mapping of resource name to amount, "
-                              f"got {self.actor_resources!r}")
-        for name, amount in self.actor_resources.items():
-            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
-                raise ConfigError(f"actor_resources.{name} must be a number >= 0, got {amount!r}")
+        _resource_amounts("actor_resources", self.actor_resources)
         if (self.resume or self.resume_if_exists) and self.overwrite:
             raise ConfigError("pass either resume or resume_if_exists (continue an earlier run) or overwrite (start "
                               "over), not both")
@@ -343,6 +343,15 @@ class ScoreConfig:
 def _choice(key, value, allowed):
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _resource_amounts(key: str, resources: object) -> None:
+    """A mapping of Ray resource name to amount >= 0 (actor_resources, ray.resources_per_worker)."""
+    if not isinstance(resources, dict):
+        raise ConfigError(f"{key} must be a mapping of resource name to amount, got {resources!r}")
+    for name, amount in resources.items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+            raise ConfigError(f"{key}.{name} must be a number >= 0, got {amount!r}")
 
 
 def _positive(key, value):

@@ -133,6 +133,26 @@ class S3Server:
         pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")[0].create_dir(name)
         return f"s3://{name}"
 
+    def deny_writes(self, uri_pattern: str) -> None:
+        """From now on the store refuses every new object whose URI matches `uri_pattern` (`s3://bucket/out/part-*`),
+        as a store whose policy or quota changed mid-run does: a bucket policy denying s3:PutObject, which moto
+        enforces whatever the credentials. `allow_writes` lifts it."""
+        import json
+
+        bucket, key = uri_pattern.removeprefix("s3://").split("/", 1)
+        statement = {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+                     "Resource": f"arn:aws:s3:::{bucket}/{key}"}
+        self._client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17",
+                                                                           "Statement": [statement]}))
+
+    def allow_writes(self, bucket_uri: str) -> None:
+        self._client().delete_bucket_policy(Bucket=bucket_uri.removeprefix("s3://").split("/")[0])
+
+    def _client(self):
+        import boto3
+
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):

@@ -33,7 +33,16 @@ from pathlib import Path, PurePath, PurePosixPath
 
 from sentiment_ray.io.inputs import input_matches, pattern_could_match
 from sentiment_ray.io.ownership import FILES_KEY, UPLOAD_MARKER, Survey, delete_own, survey
-from sentiment_ray.io.storage import Location, StorageError, is_uri, location, upload_folder, uri_path
+from sentiment_ray.io.storage import (
+    Location,
+    OutputWriteError,
+    StorageError,
+    StoreWriteError,
+    is_uri,
+    location,
+    upload_folder,
+    uri_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +244,10 @@ def upload_output(staging: Path, final: Location, overwrite: bool, marker: str,
         delete_own(found, first=(marker,))
         upload_folder(staging, final, last=(marker,))
         unfinished.delete()
+    except StoreWriteError as exc:  # the store refused an object it took at the start: the environment's, exit 1
+        raise OutputWriteError(f"could not write {exc.uri}: {exc.reason}; this run's result is kept in {staging}, "
+                               f"and {final} is unfinished: rerun with --overwrite or upload the folder by "
+                               "hand") from exc
     except (StorageError, OSError) as exc:
         raise OSError(f"could not upload {staging} to {final} ({exc}); this run's result is kept in {staging}, and "
                       f"{final} is unfinished: rerun with --overwrite or upload the folder by hand") from exc

@@ -13,6 +13,7 @@ leaves nothing under the name, and an older file or object there as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -43,6 +44,19 @@ class StorageError(InputError):
     credentials, endpoint). The message names the URI."""
 
 
+class StoreWriteError(StorageError):
+    """A store that refused to take an object (`PutObject` denied, a quota, the bucket gone). Before any work it is a
+    location the user chose, exit 2 like every StorageError; during a run whose output was found writable at its
+    start, `refused_mid_run` makes it the environment's OutputWriteError (exit 1)."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: could not write ({reason}); {ENVIRONMENT_HINT}")
+        self.uri, self.reason = uri, reason
+
+    def __reduce__(self):  # pickled by Ray with its two fields, not the message its __init__ does not take
+        return type(self), (self.uri, self.reason)
+
+
 # A full disk, a quota reached, a filesystem gone read-only: what the environment refuses in the middle of a run
 # whose output location was writable when it started.
 WRITE_REFUSED_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
@@ -56,6 +70,18 @@ class OutputWriteError(RuntimeError):
 
 def write_refused(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in WRITE_REFUSED_ERRNOS
+
+
+@contextmanager
+def refused_mid_run() -> Iterator[None]:
+    """Around the writes of a run whose output was found writable when it started: a store that refuses one now (a
+    bucket policy or quota changed, credentials expired, the bucket deleted) is the environment's doing, as a full
+    disk is, so it is an OutputWriteError (one line naming the object, exit 1, the work done so far kept for a
+    rerun), not the StorageError (exit 2) that points at a location the user gave."""
+    try:
+        yield
+    except StoreWriteError as exc:
+        raise OutputWriteError(f"could not write {exc.uri}: {exc.reason}") from exc
 
 
 def is_uri(path: str | Path) -> bool:
@@ -214,10 +240,38 @@ class Location:
         # thread meanwhile (ray.cancel's KeyboardInterrupt in a write task of a stopped pipeline) is seen only once
         # it returns. Copied from Python, the stream's close on that exception committed what was copied so far,
         # and a 0-byte fragment stood under its final name (seen on S3 after a lost node, issue 28).
+        size = Path(local_file).stat().st_size
         with self._errors_named("write"):
             pafs.copy_files(str(local_file), self.path, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=self.filesystem, use_threads=False)
+            # copy_files drops the error of the upload's last step: a store refusing the object (a bucket policy
+            # denying PutObject; moto, pyarrow 26) left no object and no exception, only a line on stderr. So the
+            # object is looked up, and where it is not there whole the upload runs once more through a stream,
+            # whose close raises the store's own error.
+            if self._stored_size() != size:
+                self._upload_through_stream(Path(local_file))
+                if self._stored_size() != size:
+                    raise OSError(f"the store did not keep the {size}-byte object after its upload")
         return self
+
+    def _stored_size(self) -> int | None:
+        info = self.filesystem.get_file_info(self.path)
+        return info.size if info.type == pafs.FileType.File else None
+
+    def _upload_through_stream(self, local_file: Path) -> None:
+        """The upload from Python, for the error copy_files drops: the store's refusal raises from the close."""
+        data = local_file.read_bytes()
+        stream = self.filesystem.open_output_stream(self.path)
+        try:
+            stream.write(data)
+        except BaseException:
+            # A cancel's KeyboardInterrupt (see upload_file): the close commits what was written, so what it
+            # committed goes again; never a part of the file under its final name.
+            with contextlib.suppress(Exception):
+                stream.close()
+                self.filesystem.delete_file(self.path)
+            raise
+        stream.close()
 
     def makedirs(self) -> None:
         """Create this folder and its parents; nothing on an object store, whose folders are key prefixes."""
@@ -255,6 +309,8 @@ class Location:
         except OSError as exc:
             if self.is_local:
                 raise
+            if action == "write":
+                raise StoreWriteError(self.uri, one_line(exc)) from None
             raise StorageError(f"{self.uri}: could not {action} ({one_line(exc)}); {ENVIRONMENT_HINT}") from None
 
 

@@ -13,8 +13,9 @@ Ray started.
 - `SENTIMENT_RAY_FAULT_DISK_FULL_AFTER_FRAGMENTS=N`: once the output holds N scored fragments, writing another
   fails as a full disk does (`OSError` ENOSPC, raised inside the fragment's atomic write). For every write of
   the run: a `--resume` without the variable is the disk with space again.
-- `SENTIMENT_RAY_FAULT_SLOW_BATCH_SECONDS=S`: every scoring batch takes S seconds longer, as on a slow or
-  contended node, so that a test's few batches outlast the start of a second actor or a node's removal.
+- `SENTIMENT_RAY_FAULT_SLOW_BATCH_SECONDS=S`: every scoring batch, and every finetune optimizer step, takes S
+  seconds longer, as on a slow or contended node, so that a test's few batches or steps outlast the start of a
+  second actor or a node's removal.
 - `SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP=N`: the finetune worker kills its own process when optimizer step N
   ends, before that step's checkpoint is written; once per run, through the same marker (default: a file in the
   system temp folder named after the Ray Train run).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -59,8 +60,30 @@ class UnmeetableResourcesError(ConfigError):
 
 
 class ClusterTooSmallError(RuntimeError):
-    """After losing nodes mid-run, no node left can hold an actor of a stage and none joined within
-    ray.wait_for_resources_s (exit 1: the cluster, not the user's input; a score output stays resumable)."""
+    """After losing nodes mid-run, the nodes left cannot hold the job (an actor of a scoring stage, finetune's
+    workers) and none joined within ray.wait_for_resources_s (exit 1: the cluster, not the user's input; the job's
+    work so far stays resumable)."""
+
+
+def alive_nodes() -> dict[str, dict]:
+    """Node id -> total resources, of the nodes the GCS has alive now."""
+    import ray
+
+    return {n["NodeID"]: n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")}
+
+
+def how_many_fit(resources: dict[str, float], node: dict) -> int:
+    """How many actors or workers that each ask for `resources` a node's total resources hold (any number where
+    they ask for nothing)."""
+    wanted = {name: amount for name, amount in resources.items() if amount and amount > 0}
+    if not wanted:
+        return 1 << 30
+    return min(math.floor(node.get(name, 0) / amount + 1e-9) for name, amount in wanted.items())
+
+
+def amounts(resources: dict[str, float]) -> str:
+    """`{'CPU': 1, 'GPU': 1}`, for a message."""
+    return "{" + ", ".join(f"{name!r}: {amount:g}" for name, amount in resources.items()) + "}"
 
 
 def check_requests_fit(requests: list[ResourceRequest], nodes: list[dict] | None = None,

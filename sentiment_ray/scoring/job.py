@@ -17,7 +17,7 @@ from sentiment_ray.config import ScoreConfig, to_dict
 from sentiment_ray.io.errors import InputError, causes, one_line
 from sentiment_ray.io.outputs import OutputExistsError, refuse_overlap
 from sentiment_ray.io.run_lock import RunLock, StoreRunLock
-from sentiment_ray.io.storage import OutputWriteError, location
+from sentiment_ray.io.storage import OutputWriteError, location, refused_mid_run
 from sentiment_ray.ops.faults import FaultPlan
 from sentiment_ray.ops.logging_setup import level_for_workers
 from sentiment_ray.ops.ray_cluster import ResourceRequest
@@ -27,7 +27,7 @@ from sentiment_ray.scoring.node_loss import (
     PipelineWatch,
     StageRequest,
     alive_nodes,
-    end_writes,
+    end_pipeline,
     lost_node_inside,
     scoring_actors_that_fit,
     wait_for_room,
@@ -164,7 +164,8 @@ def _score(cfg: ScoreConfig, started_at: float, lock: RunLock | StoreRunLock | N
     timeline = _timeline(started_at, milestones, activity, time.time())
     manifest = _manifest(cfg, inputs, plan, committed, units_run, rows_scored_now, seconds, output, activity,
                          timeline)
-    output.manifest_file.write_bytes(manifest.to_json().encode())  # the commit
+    with refused_mid_run():  # a store refusing the commit: no manifest, one line, exit 1, --resume commits later
+        output.manifest_file.write_bytes(manifest.to_json().encode())  # the commit
     _log_result(manifest, committed, inputs, units_run, seconds, activity)
     return manifest
 
@@ -347,18 +348,19 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
 
 def _raise_known_error(exc: Exception, watch: PipelineWatch) -> None:
     """A failed pipeline's error as the command reports it, where it is one it knows: the user's input, a refused
-    write, a lost node (after the pipeline's writes are ended). Returns for any other."""
-    user_error = _input_error_inside(exc)
-    if user_error is not None:
-        raise user_error from None
+    write, a lost node (after the pipeline's actors and writes are ended). Returns for any other."""
+    # A refused write first: the StorageError it may carry among its causes is an InputError too
     write_error = _write_error_inside(exc)
     if write_error is not None:  # a full disk: one line, exit 1; the fragments written so far stay for --resume
         logger.debug("a write task failed", exc_info=True)
         raise write_error from None
+    user_error = _input_error_inside(exc)
+    if user_error is not None:
+        raise user_error from None
     lost = lost_node_inside(exc, watch.nodes_at_start)
     if lost is not None:
         logger.debug("the pipeline stopped", exc_info=True)
-        end_writes(watch)
+        end_pipeline(watch)
         raise lost from None
 
 

@@ -31,8 +31,10 @@ class StopOnLostNode(ExecutionCallback):
     def on_execution_step(self, executor) -> None:
         if self.watch is None:
             return
-        # Every step (a list of a few tasks): Ray Data forgets them when the execution stops
+        # Every step (lists of a few tasks and actors): Ray Data forgets them when the execution stops, and they
+        # must be ended before the next pipeline starts (node_loss.end_pipeline)
         self.watch.write_tasks = node_loss.write_tasks_of(executor)
+        self.watch.actors = node_loss.actors_of(executor)
         now = time.monotonic()
         if now - self.checked < node_loss.CHECK_EVERY_S:
             return

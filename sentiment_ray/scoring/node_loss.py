@@ -9,23 +9,23 @@ actors sized for the cluster the job saw at its start keep their CPUs and the sc
 
 So while a pipeline runs, a Ray Data execution callback compares the alive nodes with those the pipeline started
 on (once a second, on the executor's own loop) and raises `NodeLost` there, which ends the execution like any
-operator error. The stopped pipeline's write tasks are killed and waited for (`end_writes`), so that none of them
-publishes a fragment later. The driver then waits, at most `ray.wait_for_resources_s`, until one actor of each
-stage fits a node that is alive, and starts a new pipeline sized for those nodes on the rows that no committed
-fragment holds (the in-process equivalent of `--resume`; sentiment_ray/scoring/job.py). Where no node can hold a
-stage by the end of the wait, the job stops with `ClusterTooSmallError`: one line naming the stage and the
-resource, the output unfinished and resumable.
+operator error. The stopped pipeline's actors (both pools) and write tasks are killed and waited for
+(`end_pipeline`), so that no write of it publishes a fragment later and no actor of it scores batches that no write
+takes any more, holding the resources the next pipeline needs. The driver then waits, at most
+`ray.wait_for_resources_s`, until one actor of each stage fits a node that is alive, and starts a new pipeline sized
+for those nodes on the rows that no committed fragment holds (the in-process equivalent of `--resume`;
+sentiment_ray/scoring/job.py). Where no node can hold a stage by the end of the wait, the job stops with
+`ClusterTooSmallError`: one line naming the stage and the resource, the output unfinished and resumable.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
 from sentiment_ray.io.errors import causes
-from sentiment_ray.ops.ray_cluster import ClusterTooSmallError, ResourceRequest
+from sentiment_ray.ops.ray_cluster import ClusterTooSmallError, ResourceRequest, alive_nodes, amounts, how_many_fit
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +56,13 @@ class StageRequest:
 
     def actors_on(self, node: dict) -> int:
         """How many of these actors the node's total resources hold."""
-        if not self.resources:
-            return 1 << 30
-        return min(math.floor(node.get(name, 0) / amount + 1e-9) for name, amount in self.resources.items())
+        return how_many_fit(self.resources, node)
 
     def missing(self, nodes: list[dict]) -> list[str]:
         """The resources of the request that no node has enough of (all of them where each is somewhere but
         never all on one node)."""
         short = [name for name, amount in self.resources.items() if all(n.get(name, 0) < amount for n in nodes)]
         return short or sorted(self.resources)
-
-
-def alive_nodes() -> dict[str, dict]:
-    """Node id -> total resources, of the nodes the GCS has alive now."""
-    import ray
-
-    return {n["NodeID"]: n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")}
 
 
 def scoring_actors_that_fit(request: StageRequest, nodes: list[dict], wanted: int) -> int:
@@ -82,11 +73,13 @@ def scoring_actors_that_fit(request: StageRequest, nodes: list[dict], wanted: in
 
 @dataclass
 class PipelineWatch:
-    """One pipeline's nodes at its start, and its write tasks as of the executor's last step (Ray Data forgets
-    them when it stops a failed execution, and they must be ended before the driver reads the output)."""
+    """One pipeline's nodes at its start, and its write tasks and actors as of the executor's last step (Ray Data
+    forgets them when it stops a failed execution, and they must be ended before the driver reads the output or
+    starts the next pipeline)."""
 
     nodes_at_start: set[str]
     write_tasks: list = field(default_factory=list)  # Ray Data OpTasks of the write operator
+    actors: list = field(default_factory=list)  # ActorHandles of the pipeline's actor pools (tokenizing, scoring)
 
 
 _WATCHES: dict[str, PipelineWatch] = {}  # the driver's pipelines running now, by the key in their DataContext
@@ -119,15 +112,44 @@ def write_tasks_of(executor) -> list:
         return []
 
 
-def end_writes(watch: PipelineWatch, timeout_s: float = 60.0) -> None:
-    """Kill the stopped pipeline's write tasks and wait for them to end, before the driver reads the output.
+def actors_of(executor) -> list:
+    """The actors of the pipeline's actor pools (tokenizing and scoring) now: running, restarting or starting."""
+    try:
+        handles = []
+        for operator in executor._topology:  # noqa: SLF001 - the running execution's operators
+            for pool in operator.get_autoscaling_actor_pools():
+                # the pool's own records, which its forced shutdown kills (_ActorPool._release_*_actors)
+                handles += [*pool._running_actors, *pool._pending_actors.values()]  # noqa: SLF001
+        return handles
+    except Exception:  # noqa: BLE001 - another Ray Data layout: nothing to kill; the commit's check still holds
+        logger.debug("could not list the pipeline's actors", exc_info=True)
+        return []
 
-    Ray Data stops a failed execution with a cancel that does not wait (`force=False`), and Ray Core retries the
-    write tasks lost with the node on its own: a write task of the stopped pipeline could otherwise publish a
-    fragment after the next pipeline's commit check, into a finished output. Force-cancelled, a write task's
-    process dies before its fragment's rename or upload, or after it: never half-way (storage.write_with)."""
+
+def end_pipeline(watch: PipelineWatch, timeout_s: float = 60.0) -> None:
+    """Kill the stopped pipeline's actors and write tasks and wait for them to end, before the driver reads the
+    output and starts the next pipeline.
+
+    Ray Data stops a failed execution without force: `_ClosingIterator.get_next` calls
+    `executor.shutdown(force=False)` as the error passes, so the forced shutdown of `write_datasink`'s
+    `with executor:` finds it done. Unforced, it cancels the write tasks without waiting (and Ray Core retries
+    those lost with the node on its own): a write task of the stopped pipeline could otherwise publish a fragment
+    after the next pipeline's commit check, into a finished output. And its actor pools only drop their handles: an
+    actor whose handles are dropped runs what is queued on it before it exits, and the lost node's scoring actor,
+    which Ray restarts elsewhere, ran its 98 queued batches (6,272 rows) there for nothing in the soak run of issue
+    28, holding its `scorer` (on a GPU cluster, its GPU) while the new pipeline's actor waited for it. So this does
+    what the forced shutdown does, with the handles recorded at the pipeline's last step: `ray.kill` of every actor
+    of the pools (`_ActorPool.shutdown(force=True)`) and a forced cancel of the write tasks. Force-cancelled, a
+    write task's process dies before its fragment's rename or upload, or after it: never half-way
+    (storage.write_with)."""
     import ray
 
+    actors, watch.actors = watch.actors, []
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)  # also one restarting after its node was lost
+        except Exception:  # noqa: BLE001 - already dead
+            logger.debug("could not kill an actor of the stopped pipeline", exc_info=True)
     refs = []
     for task in watch.write_tasks:
         try:
@@ -137,10 +159,23 @@ def end_writes(watch: PipelineWatch, timeout_s: float = 60.0) -> None:
         waitable = task.get_waitable()
         refs.append(getattr(waitable, "_generator_ref", waitable))  # a streaming generator's task ref
     watch.write_tasks = []
+    # A call on a killed actor fails once Ray has it dead: these refs are ready when the actors are gone (and
+    # their resources free for the next pipeline's actors).
+    writes = len(refs)
+    refs += [actor.__ray_ready__.remote() for actor in actors]
     if refs:
         _, left = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        logger.info("ended %d write task(s) of the stopped pipeline%s", len(refs) - len(left),
+        logger.info("ended %d actor(s) (%s) and %d write task(s) of the stopped pipeline%s", len(actors),
+                    ", ".join(_class_name(actor) for actor in actors), writes,
                     f"; {len(left)} did not end within {timeout_s:.0f} s" if left else "")
+
+
+def _class_name(actor) -> str:
+    """`MapWorker(MapBatches(ScoreStage))`: which pool an actor is of, for the log."""
+    try:
+        return actor._ray_actor_creation_function_descriptor.class_name  # noqa: SLF001
+    except AttributeError:
+        return "actor"
 
 
 def lost_node_inside(exc: BaseException, nodes_at_start: set[str]) -> NodeLost | None:
@@ -174,7 +209,7 @@ def wait_for_room(requests: list[StageRequest], wait_s: float, lost: NodeLost, p
         if not announced:
             logger.warning("stage %s needs %s per actor and none of the %d node(s) left after the loss of %s has "
                            "that; waiting up to %.0f s (ray.wait_for_resources_s) for the cluster to grow",
-                           homeless.stage, _amounts(homeless.resources), len(nodes),
+                           homeless.stage, amounts(homeless.resources), len(nodes),
                            ", ".join(n[:12] for n in lost.nodes), wait_s)
             announced = True
         time.sleep(poll_s)
@@ -182,10 +217,6 @@ def wait_for_room(requests: list[StageRequest], wait_s: float, lost: NodeLost, p
 
 def _too_small(request: StageRequest, nodes: list[dict], lost: NodeLost, waited: float) -> str:
     missing = request.missing(nodes)
-    return (f"stage {request.stage} needs {_amounts(request.resources)} per actor and no node the cluster has left "
+    return (f"stage {request.stage} needs {amounts(request.resources)} per actor and no node the cluster has left "
             f"after losing {len(lost.nodes)} node(s) has {' and '.join(repr(m) for m in missing)} for it; waited "
             f"{waited:.0f} s (ray.wait_for_resources_s) for a node to join; the output is resumable with --resume")
-
-
-def _amounts(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{name!r}: {amount:g}" for name, amount in resources.items()) + "}"

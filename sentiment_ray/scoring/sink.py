@@ -63,7 +63,7 @@ def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkU
             return rows_per_write  # about one work unit per write task: fragments of about a unit each
 
         def write(self, blocks, ctx) -> list[dict]:
-            from sentiment_ray.io.storage import location
+            from sentiment_ray.io.storage import location, refused_mid_run
 
             folder = location(output_uri)
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -87,7 +87,9 @@ def fragment_datasink(output_uri: str, schema: pa.Schema, units: dict[int, WorkU
                         fault_plan.maybe_disk_full(lambda: sum(c.name.startswith("part-") for c in folder.children()))
                         pq.write_table(d, stream)
 
-                    folder.join(fragment.name).write_with(write_fragment)
+                    # A store refusing it now (the output was writable at the start): exit 1, not a user error
+                    with refused_mid_run():
+                        folder.join(fragment.name).write_with(write_fragment)
                     written.append({"fragment": fragment.name, **counts})
                     reported.append((unit_index, fragment.file_index, fragment.start, fragment.stop))
             _tell_ledger(ledger, reported)

@@ -84,7 +84,7 @@ class PendingRows:
 
 def read_unit_blocks(pending: PendingRows, spec: ReadSpec, rows_per_block: int, log_level: int | None = None):
     """The pending rows of one work unit as blocks of at most `rows_per_block` rows."""
-    from sentiment_ray.io.storage import location
+    from sentiment_ray.io.storage import location, refused_mid_run
 
     configure_worker_logging(log_level)
     piece = pending.rows
@@ -98,7 +98,8 @@ def read_unit_blocks(pending: PendingRows, spec: ReadSpec, rows_per_block: int, 
 
         unit = pending.unit  # the whole unit is reported skipped, whatever part of it this run had left
         record = {**asdict(unit), "rows": unit.rows, "error": message}
-        location(spec.output).join(f"{SKIPPED_PREFIX}{unit.name}.json").write_bytes(json.dumps(record).encode())
+        with refused_mid_run():
+            location(spec.output).join(f"{SKIPPED_PREFIX}{unit.name}.json").write_bytes(json.dumps(record).encode())
         logger.warning("skipped %s", message)
         return
     ids = derived_ids(piece) if spec.derived_ids else table.column(spec.id_column)

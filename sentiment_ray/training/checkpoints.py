@@ -136,13 +136,16 @@ def report_checkpoints_callback(rank: int = 0):
     return ReportCheckpointsToRay()
 
 
-def fault_callback(plan):
-    """A TrainerCallback running the `SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP` hook (sentiment_ray/ops/faults.py)."""
+def fault_callback(plan, exits: bool):
+    """A TrainerCallback running the training hooks of sentiment_ray/ops/faults.py: every step slowed by
+    `SENTIMENT_RAY_FAULT_SLOW_BATCH_SECONDS`; with `exits` (one worker), `SENTIMENT_RAY_FAULT_TRAIN_EXIT_AT_STEP`."""
     from transformers import TrainerCallback
 
     class InjectTrainingFault(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            plan.maybe_exit_training(state.global_step)
+            plan.maybe_stall()
+            if exits:
+                plan.maybe_exit_training(state.global_step)
 
     return InjectTrainingFault()
 

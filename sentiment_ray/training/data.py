@@ -331,7 +331,7 @@ def _worker_datasets(training: TrainingData, cfg: FinetuneConfig) -> dict:
     items = training.pieces
     for rank in range(world):
         share = WorkerShare.of(training.order.training_rows, rank, world)
-        # Light tasks (num_cpus 0.25): on a small node the training workers hold most CPUs (CPU-STACK-NOTES 7).
+        # Light tasks (num_cpus 0.25): on a small node the training workers hold most CPUs (CPU-STACK-NOTES, pitfall 7).
         pieces = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         datasets[dataset_name(rank)] = pieces.map_batches(
             _read_pieces, batch_size=1, fn_kwargs={"order_ref": order_ref, "share": share, "columns": columns},

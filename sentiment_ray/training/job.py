@@ -365,8 +365,9 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0:  # one series per run: tokens seen are summed over the workers already (the Trainer gathers them)
         callbacks.append(_ray_metrics_callback(loop_config["run_name"]))
     faults = FaultPlan(**loop_config.get("faults", {}))
-    if faults.train_exit_at_step is not None and rank == world - 1:  # kill one worker: the last
-        callbacks.append(train_checkpoints.fault_callback(faults))
+    exits = faults.train_exit_at_step is not None and rank == world - 1  # kill one worker: the last
+    if exits or faults.slow_batch_seconds:
+        callbacks.append(train_checkpoints.fault_callback(faults, exits))
     share = WorkerShare.of(loop_config["training_rows"], rank, world)
     texts, labels = read_worker_rows(share)
     logger.info("worker %d of %d: %d training rows from its dataset shard", rank, world, len(texts))
@@ -421,10 +422,14 @@ def resolve_base_model(model: FinetuneModelConfig) -> FinetuneModelConfig:
 DEFAULT_CHECKPOINTS_DIR = "ray-train"  # below the cache folder: Ray Train's storage when ray.storage_path is unset
 
 
-def _interruptible_trainer_class():
+def _interruptible_trainer_class(wait_for_resources_s: float, rerun: str):
     """TorchTrainer whose Ctrl-C raises KeyboardInterrupt in the driver (exit 130 with one line, cli.py) after
-    asking the run to stop; Ray Train's own handler aborts the run and leaves the process to exit 1 silently."""
+    asking the run to stop; Ray Train's own handler aborts the run and leaves the process to exit 1 silently. Its
+    controller does not retry a user error, and waits at most `wait_for_resources_s` for nodes that hold the
+    workers (worker_room.py; `rerun` ends that line)."""
     from ray.train.torch import TorchTrainer
+
+    from sentiment_ray.training.worker_room import waiting_scaling_policy
 
     class InterruptibleTorchTrainer(TorchTrainer):
         def _register_sigint_handler(self, controller):
@@ -433,6 +438,8 @@ def _interruptible_trainer_class():
 
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             controller_init_kwargs["failure_policy"] = user_errors_not_retried(self.run_config.failure_config)
+            controller_init_kwargs["scaling_policy"] = waiting_scaling_policy(self.scaling_config,
+                                                                              wait_for_resources_s, rerun)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return InterruptibleTorchTrainer
@@ -489,10 +496,14 @@ def user_errors_not_retried(failure_config):
     driver's checks (run_finetune) still catch these errors before any worker starts."""
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 
+    from sentiment_ray.training.worker_room import cluster_too_small_inside
+
     class UserErrorsNotRetried(DefaultFailurePolicy):
         def make_decision(self, training_failed_error):
             if user_error_inside(training_failed_error) is not None:
                 logger.info("a training worker failed with a user error; not retrying it")
+                return FailureDecision.RAISE
+            if cluster_too_small_inside(training_failed_error) is not None:  # the wait for room is over
                 return FailureDecision.RAISE
             decision = super().make_decision(training_failed_error)
             if decision == FailureDecision.RETRY:
@@ -632,11 +643,13 @@ def _trainer(plan: FinetunePlan, run_config, command: str | None):
     from sentiment_ray.training.data import worker_datasets
 
     cfg = plan.cfg
-    resources = {"CPU": cfg.ray.cpus_per_worker}
+    resources = {"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
     fault_plan = faults.FaultPlan.from_env(str(Path(tempfile.gettempdir()) / f"sentiment-ray-fault-{run_config.name}"))
-    return _interruptible_trainer_class()(
+    rerun = (f"rerun with ray.run_name={run_config.name} and ray.storage_path={run_config.storage_path} on a cluster "
+             "that holds the workers, to continue from the run's last checkpoint")
+    return _interruptible_trainer_class(cfg.ray.wait_for_resources_s, rerun)(
         train_worker,
         train_loop_config={
             "config": dataclasses.asdict(cfg),
@@ -668,6 +681,13 @@ def _fit(trainer, run_config):
         if result.error:
             raise result.error
     except Exception as exc:
+        from sentiment_ray.ops.ray_cluster import ClusterTooSmallError
+        from sentiment_ray.training.worker_room import cluster_too_small_inside
+
+        too_small = cluster_too_small_inside(exc)
+        if too_small is not None:  # its line names the workers, the resource and the rerun
+            logger.debug("the cluster left after losing a node", exc_info=True)
+            raise ClusterTooSmallError(str(too_small)) from None
         user_error = user_error_inside(exc)
         if user_error is None:
             refused = next((e for e in _worker_errors(exc) if write_refused(e)), None)
@@ -703,6 +723,7 @@ def _commit_adapter(result, plan: FinetunePlan):
         if final.is_local:
             commit(staging, Path(final.path), overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
         else:  # an object store: the adapter is fetched into a local folder, then uploaded file by file
+            # A store refusing it raises OutputWriteError (exit 1), the staging folder kept and named
             upload_output(staging, final, overwrite, METADATA_FILE, legacy=LEGACY_ADAPTER_FILES)
             shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:
@@ -717,6 +738,8 @@ def _commit_adapter(result, plan: FinetunePlan):
 
 def finetune_requests(cfg: FinetuneConfig) -> list[ResourceRequest]:
     """What each training worker asks Ray for."""
-    resources = {"CPU": float(cfg.ray.cpus_per_worker), **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})}
+    resources = {"CPU": float(cfg.ray.cpus_per_worker), **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {}),
+                 **cfg.ray.resources_per_worker}
     return [ResourceRequest("each training worker", resources,
-                            {"CPU": "ray.cpus_per_worker", "GPU": "ray.gpus_per_worker"})]
+                            {"CPU": "ray.cpus_per_worker", "GPU": "ray.gpus_per_worker",
+                             **{name: f"ray.resources_per_worker.{name}" for name in cfg.ray.resources_per_worker}})]

@@ -21,7 +21,17 @@ from sentiment_ray.io.outputs import (
     refuse_overlap,
     upload_output,
 )
-from sentiment_ray.io.storage import Location, StorageError, is_uri, local_copy_of_folder, location, upload_folder
+from sentiment_ray.io.storage import (
+    Location,
+    OutputWriteError,
+    StorageError,
+    StoreWriteError,
+    is_uri,
+    local_copy_of_folder,
+    location,
+    refused_mid_run,
+    upload_folder,
+)
 from sentiment_ray.model.errors import AdapterError
 from sentiment_ray.model.metadata import (
     ADAPTER_WEIGHTS,
@@ -164,6 +174,31 @@ def test_a_failing_writer_leaves_nothing_and_the_old_file_as_it_was(root):
     assert root.join("old.bin").read_bytes() == b"the old content"
     # no temporary left behind under any name
     assert [f.name for f in root.list_files()] == ["old.bin"]
+
+
+def test_a_store_that_refuses_an_object_is_an_error_naming_it_and_leaves_the_old_object(s3_server):
+    """pyarrow's copy_files drops the error of a refused upload (a bucket policy denying PutObject left no object
+    and no exception): the upload is checked, and the store's own error named. Before a run's work it is a
+    StorageError (the user's location, exit 2); during a run, refused_mid_run makes it the environment's."""
+    bucket = s3_server.create_bucket(f"sr-refusing-{uuid.uuid4().hex[:8]}")
+    folder = location(f"{bucket}/out")
+    folder.join("old.bin").write_bytes(b"the old content")
+    s3_server.deny_writes(f"{bucket}/out/*")
+    try:
+        with pytest.raises(StoreWriteError) as refused:
+            folder.join("new.bin").write_bytes(b"x" * 1000)
+        assert refused.value.uri == f"{bucket}/out/new.bin" and "ACCESS_DENIED" in refused.value.reason
+        assert isinstance(refused.value, StorageError) and "\n" not in str(refused.value)
+        assert pickle.loads(pickle.dumps(refused.value)).reason == refused.value.reason  # crosses Ray intact
+        mid_run = pytest.raises(OutputWriteError, match=rf"^could not write {bucket}/out/old\.bin: .*ACCESS_DENIED")
+        with mid_run, refused_mid_run():
+            folder.join("old.bin").write_bytes(b"new")
+    finally:
+        s3_server.allow_writes(bucket)
+    assert [f.name for f in folder.list_files()] == ["old.bin"]
+    assert folder.join("old.bin").read_bytes() == b"the old content"
+    folder.join("new.bin").write_bytes(b"x" * 1000)  # writes work again once the store takes them
+    assert folder.join("new.bin").info().size == 1000
 
 
 def test_a_local_write_goes_through_a_hidden_temporary_in_the_same_folder(tmp_path):

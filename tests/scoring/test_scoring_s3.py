@@ -3,14 +3,16 @@ moto_server, reached through the AWS_* variables as users reach theirs).
 
 The same failures as tests/scoring/test_scoring_recovery.py on local disk: an uninterrupted run, an actor killed
 mid-run, the driver dying before the commit and then --resume, bad rows, unreadable files, --overwrite of a
-finished output, a folder of someone else's objects. Every run scores the same inputs (three files of reviews
-plus one of bad rows), so each is compared with one uninterrupted run on local disk: every id once, and the same
-score, status and error for every row, exactly.
+finished output, a folder of someone else's objects, a store that starts refusing writes mid-run. Every run
+scores the same inputs (three files of reviews plus one of bad rows), so each is compared with one uninterrupted
+run on local disk: every id once, and the same score, status and error for every row, exactly.
 """
 
 import json
 import os
 import re
+import threading
+import time
 import uuid
 
 import pyarrow as pa
@@ -24,7 +26,7 @@ from sentiment_ray.io.outputs import OutputExistsError
 from sentiment_ray.io.storage import location, upload_folder
 from sentiment_ray.model.metadata import ADAPTER_WEIGHTS, adapter_weights_sha256
 from sentiment_ray.model.tiny import synthetic_reviews
-from sentiment_ray.ops.faults import EXIT_AFTER_BATCHES, FAIL_TEXT, MARKER
+from sentiment_ray.ops.faults import EXIT_AFTER_BATCHES, FAIL_TEXT, MARKER, SLOW_BATCH_SECONDS
 from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, ScoreManifest, job, run_scoring
 from sentiment_ray.scoring.output import Fragment, tile
 from sentiment_ray.scoring.plan import ScorePlan
@@ -320,3 +322,46 @@ def test_e_a_folder_of_foreign_objects_is_refused_whatever_the_flags(
             f"notes.txt; choose another path (--overwrite replaces only a folder holding {MANIFEST_FILE} or "
             f"{PLAN_FILE}, or an empty folder)\n")
         assert _objects(out.uri) == before
+
+
+def test_f_a_store_refusing_writes_mid_run_is_one_line_exit_1_and_resume_finishes_it(
+        s3_server, capsys, monkeypatch, s3_reviews, random_adapter, reference, bucket):
+    """A bucket policy denying PutObject on the fragments once 2 are written (a policy or quota changed, as a disk
+    fills): one line naming the object and the store's error, exit 1, no manifest; --resume once the store takes
+    writes again gives every row once, as the uninterrupted run."""
+    out = f"{bucket}/refused-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(FAIL_TEXT, POISON)  # the reference's bad row
+    monkeypatch.setenv(SLOW_BATCH_SECONDS, "0.2")  # the run outlasts the policy's arrival
+    denied: dict = {}
+
+    def deny_after_two_fragments():
+        deadline = time.monotonic() + 300
+        while len(_fragments(out) if location(out).exists() else []) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        s3_server.deny_writes(f"{out}/part-*")
+        denied["fragments"] = len(_fragments(out))
+
+    watcher = threading.Thread(target=deny_after_two_fragments, daemon=True)
+    watcher.start()
+    try:
+        code, err = _cli_score(capsys, random_adapter, s3_reviews, out)
+    finally:
+        watcher.join(timeout=300)
+        s3_server.allow_writes(bucket)
+    ours = [line for line in err.splitlines() if line.startswith("sentiment-ray ")]
+    assert code == 1 and len(ours) == 1 and re.fullmatch(
+        rf"sentiment-ray score: error: could not write {out}/part-\d+-\d+-\d+\.parquet: .*AWS Error ACCESS_DENIED "
+        r"during \w+ operation.*; the work units committed so far are kept: rerun the same command with --resume to "
+        "continue", ours[0]), err
+    assert "Traceback" not in err
+    assert not location(out).join(MANIFEST_FILE).exists()  # nothing that looks complete
+    committed = len(_fragments(out))
+    assert 2 <= denied["fragments"] <= committed < UNITS
+
+    monkeypatch.delenv(SLOW_BATCH_SECONDS)
+    code, err = _cli_score(capsys, random_adapter, s3_reviews, out, "--resume")
+    assert code == 0, err
+    assert_same_rows(_rows(out), reference)  # every id once (rows in == rows out), the scores of an uninterrupted run
+    manifest = json.loads(location(out).join(MANIFEST_FILE).read_text())
+    assert manifest["rows_in"] == manifest["rows_out"] == ROWS_IN
+    assert manifest["rows_scored_this_run"] < ROWS_IN  # what the stopped run had committed was kept

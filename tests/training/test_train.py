@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -267,38 +268,50 @@ def test_target_modules_the_base_does_not_have_are_refused_before_ray_starts(tin
     assert not (tmp_path / "adapter").exists()
 
 
+def _a_finished_training_run(monkeypatch, to_directory) -> None:
+    """finetune's driver around a TorchTrainer whose run finished (its checkpoints are in Ray Train's storage): the
+    adapter checkpoint's to_directory is `to_directory`; no Ray."""
+    from types import SimpleNamespace
+
+    from sentiment_ray.ops import ray_cluster
+    from sentiment_ray.training import data as train_data
+    from sentiment_ray.training import job as train
+
+    class Trained:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            return SimpleNamespace(error=None, checkpoint=SimpleNamespace(to_directory=to_directory))
+
+    monkeypatch.setattr(ray_cluster, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(ray_cluster, "check_requests_fit", lambda requests: None)
+    monkeypatch.setattr(train_data, "worker_datasets", lambda training, cfg: {})
+    monkeypatch.setattr(train, "_interruptible_trainer_class", lambda wait_s, rerun: Trained)
+
+
+def _finetune_command(tiny_model_dir, train_file, out, storage) -> list[str]:
+    return ["finetune", "--config", str(REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml"),
+            f"model.name_or_path={tiny_model_dir}", f"data.train={train_file}", f"output_dir={out}",
+            f"ray.storage_path={storage}", "ray.run_name=full-disk"]
+
+
 def test_a_full_disk_while_the_adapter_is_written_is_one_line_exit_1_and_leaves_nothing(
         tiny_model_dir, synthetic_train_file, tmp_path, monkeypatch, capsys):
     """The run trained (its checkpoints are in Ray Train's storage), then the disk fills while the adapter is
     copied out: nothing under output_dir, no half-copied staging folder, and one line naming both."""
     import errno
-    from types import SimpleNamespace
 
     from sentiment_ray.cli import main
-    from sentiment_ray.ops import ray_cluster
-    from sentiment_ray.training import data as train_data
-    from sentiment_ray.training import job as train
 
     def copy_until_the_disk_is_full(folder):
         (Path(folder) / "adapter_model.safetensors").parent.mkdir(parents=True, exist_ok=True)
         (Path(folder) / "adapter_model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    class Trained:  # a TorchTrainer whose run finished
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def fit(self):
-            return SimpleNamespace(error=None, checkpoint=SimpleNamespace(to_directory=copy_until_the_disk_is_full))
-
-    monkeypatch.setattr(ray_cluster, "ensure_ray", lambda cfg: None)
-    monkeypatch.setattr(ray_cluster, "check_requests_fit", lambda requests: None)
-    monkeypatch.setattr(train_data, "worker_datasets", lambda training, cfg: {})
-    monkeypatch.setattr(train, "_interruptible_trainer_class", lambda: Trained)
+    _a_finished_training_run(monkeypatch, copy_until_the_disk_is_full)
     out = tmp_path / "models" / "adapter"
-    code = main(["finetune", "--config", str(REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml"),
-                 f"model.name_or_path={tiny_model_dir}", f"data.train={synthetic_train_file}", f"output_dir={out}",
-                 f"ray.storage_path={tmp_path / 'storage'}", "ray.run_name=full-disk"])
+    code = main(_finetune_command(tiny_model_dir, synthetic_train_file, out, tmp_path / "storage"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1] == (
         f"sentiment-ray finetune: error: could not write the adapter to {out}: [Errno 28] No space left on device; "
@@ -306,3 +319,36 @@ def test_a_full_disk_while_the_adapter_is_written_is_one_line_exit_1_and_leaves_
         "ray.run_name the run starts over)")
     assert [line for line in err if line.startswith("sentiment-ray ")] == [err[-1]]
     assert list(out.parent.iterdir()) == []  # neither the adapter nor a hidden staging folder
+
+
+def test_a_store_refusing_the_adapters_upload_is_one_line_exit_1_and_leaves_no_adapter(
+        s3_server, tiny_model_dir, synthetic_train_file, tmp_path, monkeypatch, capsys):
+    """The same on an object store whose policy denies PutObject under output_dir once the run has started (the
+    check before training writes beside it, which stays allowed): one line naming the object and the store's
+    error, exit 1; nothing that reads as an adapter (no metadata file) under output_dir."""
+    import uuid
+
+    from sentiment_ray.cli import main
+    from sentiment_ray.io.storage import location
+
+    def copy_the_adapter(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"weights")
+        (Path(folder) / METADATA_FILE).write_text("{}")
+
+    _a_finished_training_run(monkeypatch, copy_the_adapter)
+    bucket = s3_server.create_bucket(f"sr-adapter-refused-{uuid.uuid4().hex[:8]}")
+    out = f"{bucket}/models/adapter"
+    s3_server.deny_writes(f"{out}/*")
+    try:
+        code = main(_finetune_command(tiny_model_dir, synthetic_train_file, out, tmp_path / "storage"))
+    finally:
+        s3_server.allow_writes(bucket)
+    err = capsys.readouterr().err.strip().splitlines()
+    ours = [line for line in err if line.startswith("sentiment-ray ")]
+    assert code == 1 and len(ours) == 1 and re.fullmatch(
+        rf"sentiment-ray finetune: error: could not write {out}/\S+: .*AWS Error ACCESS_DENIED during \w+ "
+        r"operation.*; this run's result is kept in \S+, and .*; rerun with the same ray.run_name and "
+        r"ray.storage_path to continue from the last checkpoint .*", ours[0]), ours
+    assert "Traceback" not in "\n".join(err)
+    assert not location(out).join(METADATA_FILE).exists()

@@ -90,6 +90,8 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
         assert 0 < actor.first_batch_offset < actor.last_batch_offset < summary.seconds
         # each actor had its model loaded before its first batch, and ran the config's forward
         assert 0 < actor.load_seconds < actor.ready_offset <= actor.first_batch_offset and actor.forward == "eager"
+        assert actor.quantization == "none"  # model.quantization as applied (tests/model/test_fp8.py)
+    assert summary.quantization == manifest["quantization"] == "none"
     # The timeline: every step of the run, increasing, in seconds from the call, ending with the commit.
     steps = summary.timeline.steps()
     assert [name for name, _ in steps] == ["ray_ready", "pipeline_started", "scoring_actor_ready", "first_batch",
@@ -118,6 +120,23 @@ def test_null_and_empty_text_rows_are_kept_and_marked(adapter_dir, tmp_path):
     for key in "bcd":
         assert rows[key]["status"] == "empty_text" and rows[key]["score"] is None and rows[key]["label"] is None
     assert rows["a"]["status"] == rows["e"]["status"] == "ok"
+
+
+def test_fp8_where_it_cannot_run_scores_as_without_it_and_the_manifest_says_why(adapter_dir, tmp_path):
+    """model.quantization=fp8 on CPU actors: each says why in one line and scores in model.dtype (auto: float32
+    on a CPU), never fails; the manifest records what was applied beside the config's request."""
+    path = write_reviews(tmp_path / "in.parquet", ["great film", "awful", "the plot was dull"], ids=list("abc"))
+    scored = {}
+    for quantization in ("none", "fp8"):
+        out = tmp_path / quantization
+        summary = run_scoring(_config(adapter_dir, path, out, "model.dtype=auto",
+                                      f"model.quantization={quantization}"))
+        assert summary.status_counts == {"ok": 3} and summary.config["model"]["quantization"] == quantization
+        scored[quantization] = dict(zip(*pq.read_table(out, columns=["id", "score"]).to_pydict().values()))
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        assert manifest["quantization"] == summary.quantization
+    assert summary.quantization == "none (fp8 unavailable: no CUDA)"
+    assert scored["fp8"] == scored["none"]
 
 
 def test_the_job_with_packed_forwards_scores_as_the_eager_job(adapter_dir, reviews_dir, tmp_path):

@@ -66,6 +66,11 @@ def free_gpu() -> None:
     torch._dynamo.reset()
 
 
+def compiled_active(scorer) -> bool | None:
+    """Whether the compiled layers still run (False: compiling failed and the scorer fell back to eager)."""
+    return None if scorer._compiled is None else scorer._compiled.active
+
+
 def set_fast_accum(model, fast: bool) -> int:
     from sentiment_ray.model.fp8 import fp8_modules
 
@@ -177,7 +182,8 @@ def part_7b(args, texts: list[str], out: Path, report: dict) -> None:
             bf16_scores[forward] = scores
         elif forward in bf16_scores:
             row["max_abs_dp_vs_bf16"] = float(np.abs(scores - bf16_scores[forward]).max())
-        row.update(forward=forward, quantization=applied, compile_s=compile_s, forward_ran=scorer.forward_mode)
+        row.update(forward=forward, quantization=applied, compile_s=compile_s, forward_ran=scorer.forward_mode,
+                   compiled_active=compiled_active(scorer))
         if args.profile_batches:
             row["profile"] = profile(scorer, batches[:args.profile_batches], out, f"7b_{name}")
         section["variants"][name] = row
@@ -271,6 +277,7 @@ def part_smollm2(args, out: Path, report: dict) -> None:
         section["threshold"] = scorer.threshold
         section["variants"][name] = {
             "dtype": dtype, "forward": forward, "forward_ran": scorer.forward_mode, "quantization": scorer.quantization,
+            "compiled_active": compiled_active(scorer),
             "fast_accum": fast if quantization == "fp8" else None, "load_and_compile_s": load_s,
             "reviews_per_s_first_pass": len(texts) / seconds,
             "accuracy": float(np.mean((values >= scorer.threshold) == (labels == 1))),
@@ -311,13 +318,15 @@ def verdict(report: dict, smollm2_forward: str) -> dict:
         speed = row.get("speedup_vs_bf16")
         small_row = small.get(f"{variant} {smollm2_forward}")
         checks = {"applied": row.get("quantization", "").startswith("fp8_rowwise"),
+                  "compiled": row.get("compiled_active") is not False,
                   "speedup": speed, "speedup_ok": speed is not None and speed >= SPEEDUP_TARGET}
         if small_row and bf16_small:
             points = 100 * (small_row["accuracy"] - bf16_small["accuracy"])
             ece = small_row["ece"] - bf16_small["ece"]
             checks.update(accuracy_points_vs_bf16=points, ece_vs_bf16=ece, real_weights=real_weights,
                           accuracy_ok=abs(points) <= ACCURACY_POINTS, ece_ok=abs(ece) <= ECE_TOLERANCE)
-        checks["meets_bound"] = bool(checks["applied"] and checks["speedup_ok"] and checks.get("accuracy_ok")
+        checks["meets_bound"] = bool(checks["applied"] and checks["compiled"] and checks["speedup_ok"]
+                                     and checks.get("accuracy_ok")
                                      and checks.get("ece_ok") and checks.get("real_weights"))
         out[name] = checks
     return out

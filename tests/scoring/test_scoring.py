@@ -319,6 +319,25 @@ def test_the_id_column_is_id_when_the_files_have_it_else_derived_and_a_named_one
         rule(tmp_path / "*.parquet", "id_column=review_id")
 
 
+def test_a_plan_written_before_model_quantization_existed_resumes_unless_quantization_is_asked_for(tmp_path):
+    """An unfinished run planned by a release without `model.quantization` ran without it: resuming it with
+    quantization none is the same model; with fp8 it is not (its scores would differ from the first run's)."""
+    from sentiment_ray.config import to_dict
+    from sentiment_ray.scoring.plan import ScorePlan, check_inputs, make_plan
+
+    path = write_reviews(tmp_path / "in.parquet", ["good movie", "bad one"], ids=["x", "y"])
+
+    def plan(*overrides):
+        cfg = load_config(ScoreConfig, None, [f"input={path}", f"output={tmp_path / 'out'}", *overrides])
+        return make_plan(cfg, check_inputs(cfg), None, to_dict(cfg.model))
+
+    legacy = ScorePlan.from_json(plan().to_json())
+    del legacy.settings["model"]["quantization"]
+    assert legacy.changed_settings(plan()) == []
+    assert legacy.changed_settings(plan("model.quantization=fp8")) == ["model"]
+    assert plan().changed_settings(plan("model.quantization=fp8")) == ["model"]
+
+
 def test_an_input_replaced_after_the_plan_was_written_is_named_even_with_its_size_and_time_kept(tmp_path):
     """`cp -p` of another file of the same size keeps size and modification time: the footer digest differs."""
     import os

@@ -27,6 +27,8 @@ GRAPHED_FORWARDS = ("cuda_graphs", "compiled_graphs")
 COMPILED_FORWARDS = ("compiled", "compiled_graphs", "compiled_packed")
 PACKED_FORWARDS = ("packed", "compiled_packed")
 BUDGETED_FORWARDS = SHAPED_FORWARDS + PACKED_FORWARDS  # their forwards are cut from max_batch_tokens
+NO_QUANTIZATION = "none"
+QUANTIZATIONS = (NO_QUANTIZATION, "fp8")  # ScoringModelConfig.quantization (sentiment_ray/model/fp8.py)
 
 
 class ForwardUnavailable(ValueError):
@@ -80,11 +82,35 @@ class ScoringModelConfig(ModelConfig):
     # Fold the LoRA weights into the base once at load (peft merge_and_unload): no adapter matmuls per
     # forward. Needs an unquantized base (load_in_4bit: false).
     merge_adapter: bool = False
+    # `fp8`: the decoder's linear layers as dynamic row-wise float8 (e4m3) matmuls (torch._scaled_mm), the adapter
+    # merged into them first; the LM head, embeddings and norms stay bfloat16 (sentiment_ray/model/fp8.py). Needs a
+    # CUDA GPU of compute capability >= 8.9 (Ada, Hopper); elsewhere the scoring actor says so in one warning line
+    # and scores in model.dtype without it. The manifest records what was applied. Off by default, and off in the
+    # shipped configs, until benchmarks/gpu_fp8.py has measured it against bf16 (docs/CONFIGURATION.md).
+    quantization: str = NO_QUANTIZATION
 
     def __post_init__(self):
         super().__post_init__()
         if self.merge_adapter and self.load_in_4bit:
             raise ConfigError("model.merge_adapter needs an unquantized base: set model.load_in_4bit to false")
+        _choice("model.quantization", self.quantization, QUANTIZATIONS)
+        if self.quantization != NO_QUANTIZATION:
+            check_quantization(self)
+
+
+def check_quantization(model: ScoringModelConfig) -> None:
+    """model.quantization=fp8 against the other model keys: each contradiction is one line before any work."""
+    fix = "or set model.quantization=none"
+    if model.load_in_4bit:
+        raise ConfigError(f"model.quantization={model.quantization} quantizes a bfloat16 base itself; it cannot "
+                          f"requantize a 4-bit (bitsandbytes) base: set model.load_in_4bit to false, {fix}")
+    if model.backend == "unsloth":
+        raise ConfigError(f"model.quantization={model.quantization} replaces transformers' linear layers, which "
+                          f"Unsloth's patched layers read directly: set model.backend to hf, {fix}")
+    if model.dtype in ("float32", "float16"):
+        raise ConfigError(f"model.quantization={model.quantization} computes in bfloat16 (row-wise float8 matmuls "
+                          f"give bfloat16 results), which model.dtype={model.dtype} contradicts: set model.dtype to "
+                          f"bfloat16 or auto, {fix}")
 
 
 @dataclass

@@ -102,3 +102,39 @@ def test_score_resume_if_exists_excludes_overwrite():
     assert load_config(ScoreConfig, None, ["input=x", "output=y", "resume_if_exists=true"]).resume_if_exists
     with pytest.raises(ConfigError, match=r"^pass either resume or resume_if_exists .* or overwrite .*, not both$"):
         load_config(ScoreConfig, None, ["input=x", "output=y", "resume_if_exists=true", "overwrite=true"])
+
+
+def test_fp8_quantization_is_off_in_every_shipped_config_and_composes_with_the_fast_forward():
+    """Off by default until benchmarks/gpu_fp8.py has measured it (issue 27); on, the 7B config's compiled packed
+    forward and bf16 base keep loading."""
+    for path in sorted((CONFIGS / "score").glob("*.yaml")):
+        assert load_config(ScoreConfig, path, ["input=x", "output=y"]).model.quantization == "none", path.name
+    cfg = load_config(ScoreConfig, CONFIGS / "score" / "mistral7b_gpu.yaml",
+                      ["input=x", "output=y", "model.quantization=fp8"])
+    assert cfg.model.quantization == "fp8" and cfg.forward == "compiled_packed" and cfg.model.merge_adapter
+    for dtype in ("auto", "bfloat16"):  # auto: bfloat16 on a GPU; on a CPU the actor falls back (one line)
+        assert load_config(ScoreConfig, None, ["input=x", "output=y", "model.quantization=fp8",
+                                               f"model.dtype={dtype}"]).model.quantization == "fp8"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.quantization=int4"], r"model\.quantization must be one of \['none', 'fp8'\], got 'int4'"),
+    (["model.quantization=fp8", "model.load_in_4bit=true"],
+     r"c\.yaml: model\.quantization=fp8 quantizes a bfloat16 base itself; it cannot requantize a 4-bit "
+     r"\(bitsandbytes\) base: set model\.load_in_4bit to false, or set model\.quantization=none"),
+    (["model.quantization=fp8", "model.backend=unsloth"],
+     r"model\.quantization=fp8 replaces transformers' linear layers, which Unsloth's patched layers read directly: "
+     r"set model\.backend to hf"),
+    (["model.quantization=fp8", "model.dtype=float32"],
+     r"model\.quantization=fp8 computes in bfloat16 \(row-wise float8 matmuls give bfloat16 results\), which "
+     r"model\.dtype=float32 contradicts: set model\.dtype to bfloat16 or auto, or set model\.quantization=none"),
+    (["model.quantization=fp8", "model.dtype=float16"], r"which model\.dtype=float16 contradicts"),
+])
+def test_fp8_contradictions_are_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ScoreConfig, _write(tmp_path, "input: x\noutput: y\n"), overrides)
+    # The 4-bit score config, asked for fp8 as well: refused before any work, naming the file.
+    if "model.load_in_4bit=true" in overrides:
+        with pytest.raises(ConfigError, match=r"mistral7b_4bit_gpu\.yaml: model\.quantization=fp8 quantizes"):
+            load_config(ScoreConfig, CONFIGS / "score" / "mistral7b_4bit_gpu.yaml",
+                        ["input=x", "output=y", "model.quantization=fp8"])

@@ -205,6 +205,52 @@ def test_compiled_and_packed_forwards_add_no_error_beyond_bf16s_own(small_model)
             assert compiled_scorer.score_texts(texts).scores == compiled.tolist()  # replays are deterministic
 
 
+# fp8 scores against a float32 forward of small_model on these 2,000 dev reviews. The same arithmetic emulated on a
+# CPU (torch 2.13's CPU torch._scaled_mm: the same e4m3 operands and scales, float32 accumulation, `forward:
+# packed`) sat mean 8.3e-3, p99 1.9e-2, max 3.0e-2 from float32 (bf16 eager: max 2.3e-3, i.e. fp8 ~13x bf16's
+# error on this random model; scores spread over 0.35). The bounds double the emulated figures, for what differs
+# on the GPU: cuBLAS's accumulation order and fast accumulation (fp8.FAST_ACCUM), and inductor's fused bf16 rounding.
+FP8_VS_FLOAT32_MAX = 0.06
+FP8_VS_FLOAT32_MEAN = 0.02
+
+
+def test_fp8_scores_stay_within_the_emulated_error_of_float32(small_model):
+    """`model.quantization: fp8` with the 7B config's forward (`compiled_packed`): the decoder's linears become
+    row-wise float8 matmuls (the scorer reports `fp8_rowwise`), the compiled layers trace them, and the scores stay
+    within FP8_VS_FLOAT32_* of a float32 forward. Speed is benchmarks/gpu_fp8.py's to measure, not asserted here.
+    The CPU twins: tests/model/test_fp8.py."""
+    import numpy as np
+
+    from sentiment_ray.config import ScoringModelConfig
+    from sentiment_ray.model.fp8 import APPLIED_FP8, fp8_modules
+    from sentiment_ray.model.prompt import PromptSpec
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip(f"{torch.cuda.get_device_name()}: fp8 matmuls need compute capability >= 8.9")
+    texts = _dev_reviews(2000)
+    prompt = PromptSpec(max_length=384)
+
+    def scorer(dtype, quantization, forward):
+        model = ScoringModelConfig(name_or_path=str(small_model), backend="hf", dtype=dtype, device="cuda",
+                                   quantization=quantization)
+        return SentimentScorer.zero_shot(model, prompt, max_batch_tokens=65536, forward=forward)
+
+    reference = np.array(scorer("float32", "none", "eager").score_texts(texts).scores)
+    bf16 = np.array(scorer("bfloat16", "none", "eager").score_texts(texts).scores)
+    torch._dynamo.reset()
+    quantized = scorer("bfloat16", "fp8", "compiled_packed")
+    assert quantized.quantization == APPLIED_FP8 and len(fp8_modules(quantized.model)) == 14
+    assert quantized.forward_mode == "compiled_packed" and quantized._compiled.active
+    scores = np.array(quantized.score_texts(texts).scores)
+    assert quantized._compiled.graphs <= 2  # traced, no graph break at the fp8 linears
+    error, bf16_error = np.abs(scores - reference), np.abs(bf16 - reference)
+    print(f"fp8 compiled_packed vs float32 on {len(texts)} dev reviews: mean {error.mean():.2e}, p99 "
+          f"{np.quantile(error, 0.99):.2e}, max {error.max():.2e}; bf16 eager: mean {bf16_error.mean():.2e}, max "
+          f"{bf16_error.max():.2e}; label flips vs float32 {int(np.sum((scores >= 0.5) != (reference >= 0.5)))}")
+    assert np.ptp(reference) > 0.01  # the scores differ between reviews: the comparison is not of constants
+    assert error.max() < FP8_VS_FLOAT32_MAX and error.mean() < FP8_VS_FLOAT32_MEAN
+
+
 def test_padding_free_attention_is_one_varlen_call_that_matches_sdpa_per_review():
     """Unsloth's varlen call for a padding-free batch (with torch 2.11 the product's shim, backends/unsloth_varlen.py)
     against one causal SDPA per packed review, grouped-query heads as in SmolLM2 and Mistral: outputs and

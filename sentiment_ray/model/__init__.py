@@ -14,4 +14,5 @@ Above `io` (adapters and base models may live on any storage); below training, s
     scorer.py        SentimentScorer: one forward pass, the last real position, two label logits
     backends/        loading a base model + LoRA: `hf` (transformers + peft) or `unsloth` (GPU)
     forwards/        the fast scoring forwards: packed, compiled, CUDA-graphed; their shapes and compile cache
+    fp8.py           model.quantization fp8: the decoder's linears as row-wise float8 matmuls (Ada/Hopper GPUs)
 """

@@ -30,6 +30,7 @@ from sentiment_ray.config import (
     COMPILED_FORWARDS,
     FORWARD_MODES,
     GRAPHED_FORWARDS,
+    NO_QUANTIZATION,
     PACKED_FORWARDS,
     SHAPED_FORWARDS,
     ForwardUnavailable,
@@ -182,9 +183,16 @@ class TextPreparer:
 class SentimentScorer:
     def __init__(self, model, tokenizer, prompt: PromptSpec, identity: str, expected_label_ids: list[int] | None = None,
                  max_batch_tokens: int | None = None, forward: str = "eager", temperature: float = 1.0,
-                 threshold: float = 0.5):
+                 threshold: float = 0.5, quantization: str = NO_QUANTIZATION):
         import torch
 
+        # ScoringModelConfig.quantization, as applied here: "none", "fp8_rowwise", or "none (fp8 unavailable: why)"
+        # after one warning line (fp8.py). Before the forwards are set up: the compiled layers trace the fp8 linears.
+        self.quantization = NO_QUANTIZATION
+        if quantization != NO_QUANTIZATION:
+            from sentiment_ray.model.fp8 import quantize_for_scoring
+
+            model, self.quantization = quantize_for_scoring(model, quantization)
         self.model = model
         # None: the whole batch in one forward pass. A number: rows sorted by length and cut into forwards of at
         # most this many padded tokens, so a long review no longer pads every short one in its batch.
@@ -316,7 +324,8 @@ class SentimentScorer:
         loaded, tokenizer, _ = backends.load_for_scoring(model, base, str(local), max_length=metadata.prompt.max_length)
         return cls(loaded, tokenizer, metadata.prompt, identity, metadata.label_token_ids,
                    max_batch_tokens=max_batch_tokens, forward=forward, temperature=metadata.temperature or 1.0,
-                   threshold=0.5 if metadata.threshold is None else metadata.threshold)
+                   threshold=0.5 if metadata.threshold is None else metadata.threshold,
+                   quantization=getattr(model, "quantization", NO_QUANTIZATION))
 
     @classmethod
     def zero_shot(cls, model: ModelConfig, prompt: PromptSpec, max_batch_tokens: int | None = None,
@@ -327,7 +336,7 @@ class SentimentScorer:
         base = backends.resolve_model_path(model.name_or_path or EMBEDDED_MODEL)
         loaded, tokenizer, _ = backends.load_for_scoring(model, base, None, max_length=prompt.max_length)
         return cls(loaded, tokenizer, prompt, f"zero-shot:{Path(base).name}", max_batch_tokens=max_batch_tokens,
-                   forward=forward)
+                   forward=forward, quantization=getattr(model, "quantization", NO_QUANTIZATION))
 
     @classmethod
     def load(cls, adapter_dir: str | None, model: ModelConfig, prompt: PromptSpec,

@@ -461,4 +461,5 @@ def _manifest(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, committed:
         plan_settings=plan.settings,
         files_written=committed.files,
         timeline=timeline,
+        quantization=ScoreManifest.applied_quantization(activity),
     )

@@ -65,6 +65,16 @@ class ScoreManifest:
     # Every file of the output (relative names, this manifest included): all that a later --overwrite may delete
     # (sentiment_ray/io/ownership.py). None in a manifest of an earlier release.
     files_written: list[str] | None = None
+    # model.quantization as this run's scoring actors applied it (config.model.quantization is what was asked):
+    # "none", "fp8_rowwise", or "none (fp8 unavailable: why)"; several, "; "-joined, where actors differed. None:
+    # no actor reported (nothing left to score, or a manifest of an earlier release).
+    quantization: str | None = None
+
+    @staticmethod
+    def applied_quantization(activity: StageActivity | None) -> str | None:
+        """The quantization this run's scoring actors applied, from their readiness reports (None: none reported)."""
+        applied = sorted({a.quantization for a in (activity.per_actor if activity else ()) if a.quantization})
+        return "; ".join(applied) or None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -210,9 +210,21 @@ class ScorePlan:
                 changes = _input_changes(value, other.settings.get(key))
                 if changes:
                     changed.append(f"inputs ({'; '.join(changes)})")
+            elif key == "model" and isinstance(value, dict):
+                if _with_added_model_settings(value) != _with_added_model_settings(other.settings.get(key) or {}):
+                    changed.append(key)
             elif other.settings.get(key) != value:
                 changed.append(key)
         return changed
+
+
+# Model settings added after plans were first written, with the value every run before them had: an unfinished run
+# of an earlier release resumes as long as the new setting keeps that value (another is a changed model).
+MODEL_SETTINGS_ADDED = {"quantization": "none"}
+
+
+def _with_added_model_settings(model: dict) -> dict:
+    return {**MODEL_SETTINGS_ADDED, **model}
 
 
 def make_plan(cfg: ScoreConfig, inputs: ScoreInputs, adapter_identity: str | None, model: dict,

@@ -187,6 +187,8 @@ class ActorActivity:
     load_seconds: float | None = None  # of which loading the model and adapter (and the warm-up compile)
     forward: str | None = None  # the forward it ran: the config's, or eager where that one could not run here
     compile_cache: str | None = None  # whether its compile was loaded from the compile cache (compile_cache.py)
+    # model.quantization as the actor applied it: "none", "fp8_rowwise", or "none (fp8 unavailable: why)"
+    quantization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,9 +237,9 @@ class RunLedger:
         self.ready: dict[str, dict] = {}  # per scoring actor: when its model was loaded, the forward it runs
 
     def actor_ready(self, actor: str, wall_ready: float, load_seconds: float, forward: str,
-                    compile_cache: str | None) -> None:
+                    compile_cache: str | None, quantization: str | None = None) -> None:
         self.ready[actor] = {"wall_ready": wall_ready, "load_seconds": round(load_seconds, 3), "forward": forward,
-                             "compile_cache": compile_cache}
+                             "compile_cache": compile_cache, "quantization": quantization}
 
     def begin(self, key: tuple[int, int]) -> int:
         self.open[key] = self.open.get(key, 0) + 1
@@ -283,7 +285,8 @@ class RunLedger:
         if ready is None:
             return {}
         return {"ready_offset": round(ready["wall_ready"] - self.created, 3), "load_seconds": ready["load_seconds"],
-                "forward": ready["forward"], "compile_cache": ready["compile_cache"]}
+                "forward": ready["forward"], "compile_cache": ready["compile_cache"],
+                "quantization": ready.get("quantization")}
 
     def milestones(self) -> tuple[float, float | None]:
         """(the pipeline's start, the first scoring actor's model loaded), by the wall clock."""
@@ -361,13 +364,13 @@ class ScoreStage:
                                            max_batch_tokens, weights_sha256=weights_sha256, forward=forward)
         load_seconds = time.perf_counter() - loading
         cache = self.scorer.compile_cache
-        logger.info("scoring actor pid %d: %s loaded on %s in %.1f s, forward %s%s", os.getpid(),
+        logger.info("scoring actor pid %d: %s loaded on %s in %.1f s, forward %s, quantization %s%s", os.getpid(),
                     self.scorer.identity, self.scorer.device, load_seconds, self.scorer.forward_mode,
-                    f", compile {cache.describe()}" if cache else "")
+                    self.scorer.quantization, f", compile {cache.describe()}" if cache else "")
         self.ledger = ray.get_actor(ledger_name(run_id))
         self.actor_name = f"{ray.get_runtime_context().get_node_id()[:12]}-{os.getpid()}"
         self.ledger.actor_ready.remote(self.actor_name, time.time(), load_seconds, self.scorer.forward_mode,
-                                       cache.describe() if cache else None)
+                                       cache.describe() if cache else None, self.scorer.quantization)
         self.capture_at_ready = self.scorer.capture_seconds  # the warm-up's compile, which no batch waited for
         self.files, self.unit_files = files, unit_files  # to name the rows of a batch that keeps killing its actor
         self.faults = FaultPlan(**(faults or {}))

@@ -90,6 +90,8 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
         assert 0 < actor.first_batch_offset < actor.last_batch_offset < summary.seconds
         # each actor had its model loaded before its first batch, and ran the config's forward
         assert 0 < actor.load_seconds < actor.ready_offset <= actor.first_batch_offset and actor.forward == "eager"
+        assert actor.quantization == "none"  # model.quantization as applied (tests/model/test_fp8.py)
+    assert summary.quantization == manifest["quantization"] == "none"
     # The timeline: every step of the run, increasing, in seconds from the call, ending with the commit.
     steps = summary.timeline.steps()
     assert [name for name, _ in steps] == ["ray_ready", "pipeline_started", "scoring_actor_ready", "first_batch",
@@ -118,6 +120,23 @@ def test_null_and_empty_text_rows_are_kept_and_marked(adapter_dir, tmp_path):
     for key in "bcd":
         assert rows[key]["status"] == "empty_text" and rows[key]["score"] is None and rows[key]["label"] is None
     assert rows["a"]["status"] == rows["e"]["status"] == "ok"
+
+
+def test_fp8_where_it_cannot_run_scores_as_without_it_and_the_manifest_says_why(adapter_dir, tmp_path):
+    """model.quantization=fp8 on CPU actors: each says why in one line and scores in model.dtype (auto: float32
+    on a CPU), never fails; the manifest records what was applied beside the config's request."""
+    path = write_reviews(tmp_path / "in.parquet", ["great film", "awful", "the plot was dull"], ids=list("abc"))
+    scored = {}
+    for quantization in ("none", "fp8"):
+        out = tmp_path / quantization
+        summary = run_scoring(_config(adapter_dir, path, out, "model.dtype=auto",
+                                      f"model.quantization={quantization}"))
+        assert summary.status_counts == {"ok": 3} and summary.config["model"]["quantization"] == quantization
+        scored[quantization] = dict(zip(*pq.read_table(out, columns=["id", "score"]).to_pydict().values()))
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        assert manifest["quantization"] == summary.quantization
+    assert summary.quantization == "none (fp8 unavailable: no CUDA)"
+    assert scored["fp8"] == scored["none"]
 
 
 def test_the_job_with_packed_forwards_scores_as_the_eager_job(adapter_dir, reviews_dir, tmp_path):
@@ -298,6 +317,25 @@ def test_the_id_column_is_id_when_the_files_have_it_else_derived_and_a_named_one
         rule(tmp_path / "no-id.parquet", "id_column=id")  # named explicitly: no silent switch to derived ids
     with pytest.raises(InputError, match=r"no-id\.parquet: no id column 'review_id'.*but .*other\.parquet has one"):
         rule(tmp_path / "*.parquet", "id_column=review_id")
+
+
+def test_a_plan_written_before_model_quantization_existed_resumes_unless_quantization_is_asked_for(tmp_path):
+    """An unfinished run planned by a release without `model.quantization` ran without it: resuming it with
+    quantization none is the same model; with fp8 it is not (its scores would differ from the first run's)."""
+    from sentiment_ray.config import to_dict
+    from sentiment_ray.scoring.plan import ScorePlan, check_inputs, make_plan
+
+    path = write_reviews(tmp_path / "in.parquet", ["good movie", "bad one"], ids=["x", "y"])
+
+    def plan(*overrides):
+        cfg = load_config(ScoreConfig, None, [f"input={path}", f"output={tmp_path / 'out'}", *overrides])
+        return make_plan(cfg, check_inputs(cfg), None, to_dict(cfg.model))
+
+    legacy = ScorePlan.from_json(plan().to_json())
+    del legacy.settings["model"]["quantization"]
+    assert legacy.changed_settings(plan()) == []
+    assert legacy.changed_settings(plan("model.quantization=fp8")) == ["model"]
+    assert plan().changed_settings(plan("model.quantization=fp8")) == ["model"]
 
 
 def test_an_input_replaced_after_the_plan_was_written_is_named_even_with_its_size_and_time_kept(tmp_path):

@@ -98,3 +98,27 @@ def test_the_ledger_reports_each_actors_share_and_when_it_ran():
     # A manifest written before per-actor figures existed still reads.
     old = {k: v for k, v in asdict(stage).items() if k != "per_actor"}
     assert StageActivity.from_dict(old).per_actor == [] and StageActivity.from_dict(asdict(stage)) == stage
+
+
+def test_the_ledger_and_the_manifest_record_the_quantization_each_actor_applied():
+    """model.quantization as applied, not as asked: an actor where fp8 cannot run reports why."""
+    from sentiment_ray.scoring.manifest import ScoreManifest
+
+    ledger = RunLedger()
+    ledger.created = 100.0
+    ledger.actor_ready("gpu", 101.0, 1.0, "compiled_packed", None, "fp8_rowwise")
+    ledger.actor_ready("cpu", 101.0, 1.0, "eager", None, "none (fp8 unavailable: no CUDA)")
+    ledger.end((0, 0), "gpu", 1.0, 2.0, rows=8, wall_ended=102.0)
+    ledger.end((0, 8), "cpu", 1.0, 2.0, rows=8, wall_ended=103.0)
+    stage = ledger.activity()
+    assert [(a.actor, a.quantization) for a in stage.per_actor] == [
+        ("gpu", "fp8_rowwise"), ("cpu", "none (fp8 unavailable: no CUDA)")]
+    assert ScoreManifest.applied_quantization(stage) == "fp8_rowwise; none (fp8 unavailable: no CUDA)"
+    assert ScoreManifest.applied_quantization(None) is None  # nothing scored in this run
+    # An actor of before the field (its readiness without it) and a manifest of before it still read.
+    ledger.ready["cpu"].pop("quantization")
+    assert [a.quantization for a in ledger.activity().per_actor] == ["fp8_rowwise", None]
+    old = {k: v for k, v in asdict(stage).items()}
+    for actor in old["per_actor"]:
+        actor.pop("quantization")
+    assert [a.quantization for a in StageActivity.from_dict(old).per_actor] == [None, None]

@@ -37,6 +37,9 @@ esac
 case ":$PYTHONPATH:" in *:/tmp/vllm_site:*) ;; *) export PYTHONPATH=$PYTHONPATH:/tmp/vllm_site ;; esac
 # vLLM 0.26 is V1 only (no VLLM_USE_V1); no usage reports (no network there); caches in /tmp, kept while warm.
 # FlashAttention: vLLM picks FA3 on Hopper by itself (FA2's library is not in the bundle).
+# FlashInfer is not in the bundle: its top-k/top-p sampler, which the engine builds even for a pooling model, must be
+# off (vllm/v1/sample/ops/topk_topp_sampler.py imports flashinfer unless VLLM_USE_FLASHINFER_SAMPLER=0; seen on H100).
+export VLLM_USE_FLASHINFER_SAMPLER=0
 export VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
   VLLM_CACHE_ROOT=/tmp/vllm_cache VLLM_CONFIG_ROOT=/tmp/vllm_config \
   VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO} VLLM_WORKER_MULTIPROC_METHOD=spawn

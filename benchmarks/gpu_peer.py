@@ -44,7 +44,9 @@ pipe = pipeline("text-classification", model=folder, device=0, dtype=torch.bfloa
 loaded = time.time()
 first_batch = None
 labels = []
-for i, out in enumerate(pipe(texts, batch_size=batch_size, truncation=True, max_length=max_length)):
+# a generator, not the list: given a list the pipeline returns only when every row is done, and the first-batch
+# mark below would be taken at the end
+for i, out in enumerate(pipe((t for t in texts), batch_size=batch_size, truncation=True, max_length=max_length)):
     labels.append(out["label"])
     if i == batch_size - 1:
         torch.cuda.synchronize()

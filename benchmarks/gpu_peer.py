@@ -114,20 +114,14 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="extra `section.key=value` for score")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from benchmarks.gpu_common import build_random_mistral_7b, gpu_name
-    from benchmarks.gpu_streaming import PROMPT, build_random_smollm2, make_adapter, tile
+    from benchmarks.gpu_common import gpu_name
+    from benchmarks.gpu_streaming import PROMPT, build_model_and_adapter, tile
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    import pyarrow.parquet as pq
 
-    if args.model == "smollm2":
-        model_dir = build_random_smollm2(Path(args.arch), work / "smollm2-random")
-    else:
-        model_dir = build_random_mistral_7b(work / "mistral7b-random",
-                                            pq.read_table(args.data, columns=["text"]).column("text").to_pylist())
-    adapter = make_adapter(model_dir, work / f"adapter-{args.model}", args.model)
+    model_dir, adapter = build_model_and_adapter(args.model, args.arch, args.data, work)
     overrides = [f"model.name_or_path={model_dir}", *args.override]
     report = {"gpu": gpu_name(), "model": args.model, "config": args.config, "overrides": overrides, "score": [],
               "pipeline": []}

@@ -120,6 +120,19 @@ def make_adapter(model_dir: Path, folder: Path, model: str) -> Path:
     return gpu_scoring.make_adapter(model_dir, folder)
 
 
+def build_model_and_adapter(model: str, arch: str | None, data: str, work: Path) -> tuple[Path, Path]:
+    """The random-weight model the GPU benchmarks score (SmolLM2 from `arch`'s config, or the 7B architecture with
+    a tokenizer trained on `data`'s texts) and a random r=16 adapter of it, under `work`."""
+    if model == "smollm2":
+        model_dir = build_random_smollm2(Path(arch), work / "smollm2-random")
+    else:
+        from benchmarks.gpu_common import build_random_mistral_7b
+
+        texts = pq.read_table(data, columns=["text"]).column("text").to_pylist()
+        model_dir = build_random_mistral_7b(work / "mistral7b-random", texts)
+    return model_dir, make_adapter(model_dir, work / f"adapter-{model}", model)
+
+
 def run_job(adapter: Path, inputs: Path, output: Path, batch_size: int, max_batch_tokens: int,
             forward: str = "eager", pool_size: int = 1) -> dict:
     from sentiment_ray.config import RayConfig, ScoreConfig, ScoringModelConfig
@@ -191,17 +204,12 @@ def main() -> None:
                         help="scoring actors, one GPU each; repeat to run each pool size over the same inputs (1)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from benchmarks.gpu_common import build_random_mistral_7b, gpu_name
+    from benchmarks.gpu_common import gpu_name
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    if args.model == "smollm2":
-        model_dir = build_random_smollm2(Path(args.arch), work / "smollm2-random")
-    else:
-        texts = pq.read_table(args.data, columns=["text"]).column("text").to_pylist()
-        model_dir = build_random_mistral_7b(work / "mistral7b-random", texts)
-    adapter = make_adapter(model_dir, work / f"adapter-{args.model}", args.model)
+    model_dir, adapter = build_model_and_adapter(args.model, args.arch, args.data, work)
     report = {"gpu": gpu_name(), "model": args.model, "batch_size": args.batch_size,
               "max_batch_tokens": args.max_batch_tokens, "forward": args.forward,
               "new": {}, "old": {}}

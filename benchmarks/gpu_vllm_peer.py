@@ -327,9 +327,9 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     sys.path.insert(0, str(REPO))
-    from benchmarks.gpu_common import build_random_mistral_7b, gpu_name
+    from benchmarks.gpu_common import gpu_name
     from benchmarks.gpu_peer import run_score
-    from benchmarks.gpu_streaming import PROMPT, build_random_smollm2, make_adapter, tile
+    from benchmarks.gpu_streaming import PROMPT, build_model_and_adapter, tile
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -373,15 +373,9 @@ def main() -> None:
         report["versions"]["cuda"] = torch.version.cuda
 
     part("versions", versions)
-    import pyarrow.parquet as pq
 
     def setup():
-        if args.model == "smollm2":
-            model_dir = build_random_smollm2(Path(args.arch), work / "smollm2-random")
-        else:
-            texts = pq.read_table(args.data, columns=["text"]).column("text").to_pylist()
-            model_dir = build_random_mistral_7b(work / "mistral7b-random", texts)
-        adapter = make_adapter(model_dir, work / f"adapter-{args.model}", args.model)
+        model_dir, adapter = build_model_and_adapter(args.model, args.arch, args.data, work)
         inputs = tile(args.data, args.rows, work / f"in-{args.rows}")
         return model_dir, adapter, inputs
 

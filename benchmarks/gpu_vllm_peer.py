@@ -187,6 +187,7 @@ def vllm_child(spec: dict) -> None:
         engine_kwargs["quantization"] = spec["quantization"]
     if spec.get("max_num_seqs"):
         engine_kwargs["max_num_seqs"] = spec["max_num_seqs"]
+    engine_kwargs.update(spec.get("engine_args") or {})
     config = vLLMEngineProcessorConfig(model_source=spec["folder"], task_type="classify",
                                        engine_kwargs=engine_kwargs, batch_size=spec["batch_size"], concurrency=1,
                                        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
@@ -319,6 +320,10 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, help="vLLM's max_num_seqs (default: vLLM's, 1024 on H100)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's (its default 0.9)")
     parser.add_argument("--eager", action="store_true", help="vLLM enforce_eager (no torch.compile/CUDA graphs)")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
+                        help="another vLLM engine argument, e.g. enable_prefix_caching=false (the tiled reviews "
+                             "repeat: vLLM's prefix cache would skip the repeats' compute, which real data does "
+                             "not offer) or max_num_batched_tokens=16384")
     parser.add_argument("--export", choices=("auto", "cli", "gpu"), default="auto",
                         help="how the seq-cls folder is made (auto: cli for smollm2, gpu for mistral7b)")
     parser.add_argument("--skip", action="append", default=[], choices=("score", "vllm"))
@@ -414,7 +419,8 @@ def main() -> None:
         spec = {"folder": str(exported), "inputs": str(inputs), "output": str(vllm_out),
                 "max_model_len": max_length, "quantization": args.quantization, "batch_size": args.vllm_batch_size,
                 "max_num_seqs": args.max_num_seqs, "gpu_memory_utilization": args.gpu_memory_utilization,
-                "eager": args.eager, "block_rows": args.block_rows}
+                "eager": args.eager, "block_rows": args.block_rows,
+                "engine_args": {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}}
         result = run_vllm(spec, left(args, started))
         result["startup"] = result["first_batch"]
         result["gpu"] = sampler.window(result["wall_start"], result["wall_end"])
@@ -422,8 +428,9 @@ def main() -> None:
 
     if exported is not None:
         report["vllm"] = part("vllm", vllm)
-    # with --skip score, against the output an earlier call left in --work for the same rows
-    if report.get("vllm") and (score_out / "_sentiment_ray_manifest.json").exists():
+    # with --skip score or --skip vllm, against the output an earlier call left in --work for the same rows
+    if ((report.get("vllm") or report.get("score")) and vllm_out.exists()
+            and (score_out / "_sentiment_ray_manifest.json").exists()):
         report["agreement"] = part("agreement", lambda: compare(score_out, vllm_out, args.data))
     sampler.close()
     save()

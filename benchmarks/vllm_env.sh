@@ -23,6 +23,9 @@ if [ ! -f /tmp/vllm_site/.ok ]; then
   rm -rf /tmp/vllm_site && mkdir -p /tmp/vllm_site
   tar -xJf /tmp/vllm_site.tar.xz -C /tmp/vllm_site || { _vllm_fail "unpack failed"; return 1; }
   rm -f /tmp/vllm_site.tar.xz
+  # The machine sets PYTHONDONTWRITEBYTECODE=1 and the bundle holds no bytecode, so every process (driver, Ray
+  # worker, vLLM's engine core) would compile vLLM's ~2,000 modules from source again: compile them once here.
+  python3 -m compileall -q -j 0 /tmp/vllm_site >/dev/null 2>&1 || true
   touch /tmp/vllm_site/.ok
   echo "vllm_env.sh: unpacked to /tmp/vllm_site ($(du -sh /tmp/vllm_site | cut -f1))"
 fi
@@ -43,3 +46,8 @@ export VLLM_USE_FLASHINFER_SAMPLER=0
 export VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
   VLLM_CACHE_ROOT=/tmp/vllm_cache VLLM_CONFIG_ROOT=/tmp/vllm_config \
   VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO} VLLM_WORKER_MULTIPROC_METHOD=spawn
+# The same for .device's tree (Ray, TRL, ...), once per machine.
+if [ -f /tmp/site/.ok ] && [ ! -f /tmp/site/.compiled ]; then
+  python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true
+  touch /tmp/site/.compiled
+fi

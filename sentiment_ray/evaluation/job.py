@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sentiment_ray.config import ConfigError
+from sentiment_ray.evaluation.binary_metrics import ConfusionCounts, roc_auc, roc_curve
 from sentiment_ray.io.errors import InputError, one_line, quoted_list
 from sentiment_ray.io.inputs import column_values, duplicate_ids, join_key, read_checked, resolve_parquet_files
 from sentiment_ray.io.outputs import check_output_location_free, commit, refuse_overlap, staging_dir, upload_output
@@ -40,8 +41,6 @@ IDS_SHOWN = 5  # ids quoted in an error; the count says how many there are
 
 def compute_metrics(y_true, scores, threshold: float = 0.5) -> dict:
     """Binary metrics (positive class = 1); a row is predicted positive when score >= threshold."""
-    from sklearn import metrics as skm
-
     y_true = np.asarray(y_true, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     if y_true.shape != scores.shape:
@@ -49,15 +48,15 @@ def compute_metrics(y_true, scores, threshold: float = 0.5) -> dict:
     if y_true.size == 0:
         raise InputError("no scored rows to evaluate")
     y_pred = (scores >= threshold).astype(np.int64)
-    (tn, fp), (fn, tp) = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
+    counts = ConfusionCounts.of(y_true, y_pred)
     both_classes = np.unique(y_true).size == 2
     return {
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "precision": float(skm.precision_score(y_true, y_pred, pos_label=1, zero_division=0)),
-        "recall": float(skm.recall_score(y_true, y_pred, pos_label=1, zero_division=0)),
-        "f1": float(skm.f1_score(y_true, y_pred, pos_label=1, zero_division=0)),
-        "roc_auc": float(skm.roc_auc_score(y_true, scores)) if both_classes else None,
-        "confusion_matrix": {"labels": list(CLASS_NAMES), "matrix": [[tn, fp], [fn, tp]]},
+        "accuracy": counts.accuracy,
+        "precision": counts.precision,
+        "recall": counts.recall,
+        "f1": counts.f1,
+        "roc_auc": roc_auc(y_true, scores) if both_classes else None,
+        "confusion_matrix": {"labels": list(CLASS_NAMES), "matrix": counts.matrix.tolist()},
         "n": int(y_true.size),
         "n_positive": int(y_true.sum()),
         "threshold": float(threshold),
@@ -169,13 +168,11 @@ def _save(fig, path: Path) -> Path:
 def write_plots(y_true, scores, out_dir, threshold: float = 0.5) -> list[Path]:
     """confusion_matrix.png (annotated counts), score_histogram.png (scores split by true label), reliability.png
     and roc_curve.png."""
-    from sklearn import metrics as skm
-
     y_true = np.asarray(y_true, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    matrix = skm.confusion_matrix(y_true, (scores >= threshold).astype(np.int64), labels=[0, 1])
+    matrix = ConfusionCounts.of(y_true, (scores >= threshold).astype(np.int64)).matrix
 
     fig, ax = _axes((4.5, 4))
     ax.imshow(matrix, cmap="Blues", vmin=0)
@@ -225,13 +222,11 @@ def _reliability_plot(y_true, scores, out_dir: Path) -> Path:
 
 
 def _roc_plot(y_true, scores, out_dir: Path) -> Path:
-    from sklearn import metrics as skm
-
     fig, ax = _axes((5, 5))
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="chance")
     if np.unique(y_true).size == 2:
-        fpr, tpr, _ = skm.roc_curve(y_true, scores)
-        ax.plot(fpr, tpr, color="tab:blue", label=f"ROC AUC {skm.roc_auc_score(y_true, scores):.4f}")
+        fpr, tpr, _ = roc_curve(y_true, scores)
+        ax.plot(fpr, tpr, color="tab:blue", label=f"ROC AUC {roc_auc(y_true, scores):.4f}")
     else:
         ax.text(0.5, 0.5, "one class only: no ROC curve", ha="center")
     ax.set_xlim(0, 1)

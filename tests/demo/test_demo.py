@@ -1,5 +1,6 @@
-"""The demo's real path at a tiny size: SmolLM2 from the PyPI wheel (checksum, GGUF conversion), local Ray,
-zero-shot scoring, finetune, scoring with the adapter, evaluation."""
+"""The demo's real path at a tiny size: SmolLM2 from the PyPI wheel (checksum, GGUF conversion: the
+`embedded_model` fixture runs them, once per test run), local Ray, zero-shot scoring, finetune, scoring with the
+adapter, evaluation."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,9 @@ from sentiment_ray.demo.job import run_demo
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_demo_end_to_end_small(ray_session, tmp_path, capsys):
+def test_demo_end_to_end_small(ray_session, embedded_model, tmp_path, capsys):
+    # embedded_model: SmolLM2 downloaded, checked and converted once for the test run (tests/conftest.py); the demo
+    # finds it in its cache, as a second `make demo` does.
     summary = run_demo(tmp_path / "demo", train_rows=16, eval_rows=24)
     captured = capsys.readouterr()
     out = captured.out

@@ -161,7 +161,7 @@ def test_a_quantized_base_is_refused_naming_the_way_out(random_adapter, tiny_mod
 
 
 @pytest.fixture(scope="module")
-def smollm2_adapter(tmp_path_factory):
+def smollm2_adapter(embedded_model, tmp_path_factory):
     """A LoRA adapter on the embedded SmolLM2 (built from PyPI's wheel, ~1 minute the first time), random with a
     non-zero B so that it changes the scores, saved as finetune saves one."""
     from peft import LoraConfig, get_peft_model

@@ -341,12 +341,6 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
             # 3 logical CPUs): rows piled up in the object store and nothing was committed until the end.
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
         except Exception as exc:
-            logger.debug("the pipeline stopped", exc_info=True)
-            # Whatever stopped it (a user's input, a refused write, a lost node, a bug), its actors and writes end
-            # here. Left to Ray Data, a failed execution only drops its pools' handles, and the raised error's
-            # traceback keeps them: in a notebook or a test that holds the error, the actors lived on with their
-            # CPUs (a GPU, on a cluster) and the next run in the same process waited for them forever.
-            end_pipeline(watch)
             _raise_known_error(exc, watch)
             raise
     return {w["fragment"]: w for w in sink.written}
@@ -354,7 +348,12 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
 
 def _raise_known_error(exc: Exception, watch: PipelineWatch) -> None:
     """A failed pipeline's error as the command reports it, where it is one it knows: the user's input, a refused
-    write, a lost node (the pipeline's actors and writes are ended before). Returns for any other."""
+    write, a lost node. Returns for any other. First, whatever stopped the pipeline (those, or a bug), its actors
+    and writes are ended: left to Ray Data, a failed execution only drops its pools' handles, and the raised
+    error's traceback keeps them, so in a notebook or a test that holds the error the actors lived on with their
+    CPUs (a GPU, on a cluster) and the next run in the same process waited for them forever."""
+    logger.debug("the pipeline stopped", exc_info=True)
+    end_pipeline(watch)
     # A refused write first: the StorageError it may carry among its causes is an InputError too
     write_error = _write_error_inside(exc)
     if write_error is not None:  # a full disk: one line, exit 1; the fragments written so far stay for --resume

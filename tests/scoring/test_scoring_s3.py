@@ -64,8 +64,9 @@ def _score(adapter, input_path, output, *extra, env: dict | None = None) -> Scor
 
 # A line Ray's log monitor forwards from a worker process, e.g. "\x1b[36m(MapWorker(...) pid=123)\x1b[0m ...": it
 # reaches this process's stderr whenever it arrives, also from an actor of an earlier test that is still shutting
-# down (seen once in CI: a scoring actor of the test before, in the stderr of a test that starts no Ray job).
-FORWARDED_WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(.*?\bpid=\d+.*?\)")
+# down (seen once in CI: a scoring actor of the test before, in the stderr of a test that starts no Ray job), or
+# from the session's GCS ("(pid=gcs_server) ... Failed to kill actor ...", about an actor an earlier test ended).
+FORWARDED_WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(.*?\bpid=[\w.-]+.*?\)")
 
 
 def _cli_score(capsys, adapter, input_path, output, *flags) -> tuple[int, str]:
@@ -74,7 +75,9 @@ def _cli_score(capsys, adapter, input_path, output, *flags) -> tuple[int, str]:
     code = main(["score", "--config", TINY_CONFIG, "--adapter", str(adapter), "--input", str(input_path),
                  "--output", str(output), *flags, "model.dtype=float32", "unit_rows=256"])
     err = capsys.readouterr().err
-    return code, "".join(line for line in err.splitlines(keepends=True) if not FORWARDED_WORKER_LINE.match(line))
+    # split at "\n" only: a forwarded tqdm bar ("(MapWorker ...) \rLoading weights: ...") holds "\r"s, where
+    # str.splitlines would also cut, leaving pieces without the prefix that marks them
+    return code, "\n".join(line for line in err.split("\n") if not FORWARDED_WORKER_LINE.match(line))
 
 
 # ------------------------------------------------------------------------------------------ inputs, reference

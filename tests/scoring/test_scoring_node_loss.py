@@ -38,9 +38,6 @@ UNIT_ROWS, BATCH = 96, 32  # 10 units, 30 batches
 SLOW_BATCH_S = 0.4  # the run outlasts the node's removal and its detection
 WAIT_FOR_RESOURCES_S = 4
 FRAGMENTS_BEFORE_KILL = 2
-# A node found dead after ~1.5 s rather than Ray's default ~15 s (5 failed checks 3 s apart): a shorter test,
-# the same path.
-HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 HEAD = {"num_cpus": 2, "resources": {"scorer": 1}}
 WORKER = {"num_cpus": 2, "resources": {"scorer": 1}}
 ACCELERATOR_WORKER = {"num_cpus": 2, "resources": {"accelerator": 1}}
@@ -146,8 +143,7 @@ def run_scenario(scenario: dict) -> dict:
 
     os.environ[SLOW_BATCH_SECONDS] = str(SLOW_BATCH_S)
     _record_scoring_actor_nodes()
-    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "include_dashboard": False,
-                                                            "_system_config": HEALTH_CHECKS})
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "include_dashboard": False})
     try:
         ray.init(address=cluster.address, log_to_driver=True)
         result = {"head": cluster.head_node.node_id}

@@ -30,8 +30,6 @@ PLANNED_STEPS = 9  # 130 rows, global batch 16 (2 workers x 8), one epoch: as te
 CHECKPOINT_STEPS = 3
 SLOW_STEP_S = 1.0  # the run outlasts the node's removal and its detection
 WAIT_FOR_RESOURCES_S = 4
-# A node found dead after ~1.5 s rather than Ray's default ~15 s: a shorter test, the same path.
-HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 HEAD = {"num_cpus": 2, "resources": {"trainer": 1}}
 WORKER = {"num_cpus": 2, "resources": {"trainer": 1}}
 RUN_NAME = "lost-node"
@@ -72,8 +70,7 @@ def run_scenario(scenario: dict) -> dict:
     from sentiment_ray.ops.faults import SLOW_BATCH_SECONDS
     from sentiment_ray.training.job import run_finetune
 
-    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "include_dashboard": False,
-                                                            "_system_config": HEALTH_CHECKS})
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "include_dashboard": False})
     try:
         ray.init(address=cluster.address, log_to_driver=True)
         worker = cluster.add_node(**WORKER)

@@ -4,6 +4,7 @@ logical CPUs, several runs in a row as the tests make them.
 
     python benchmarks/cpu_run_overhead.py --runs 3                       # Ray's defaults
     RAY_idle_worker_killing_time_threshold_ms=600000 python benchmarks/cpu_run_overhead.py --runs 3
+    RAY_idle_worker_killing_time_threshold_ms=600000 python benchmarks/cpu_run_overhead.py --runs 3 pool_size=1
 
 CPU seconds are the machine's (/proc/stat user + nice + system) over the run: the driver, the actors, Ray's
 workers and daemons. Run nothing else meanwhile.
@@ -33,6 +34,7 @@ def machine_cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="config overrides (`section.key=value`) for every run")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     logging.basicConfig(level=logging.WARNING)
@@ -64,7 +66,7 @@ def main() -> None:
             cpu, started = machine_cpu_seconds(), time.perf_counter()
             run_scoring(load_config(ScoreConfig, REPO / "configs" / "score" / "tiny_test.yaml", [
                 f"adapter={adapter}", f"input={reviews}", f"output={work / f'out-{run}'}", "model.dtype=float32",
-                "unit_rows=256"]))
+                "unit_rows=256", *args.overrides]))
             walls.append(time.perf_counter() - started)
             cpus.append(machine_cpu_seconds() - cpu)
     finally:
@@ -72,7 +74,7 @@ def main() -> None:
         shutil.rmtree(ray_tmp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     threshold = os.environ.get(IDLE_WORKER_THRESHOLD, "Ray's default")
-    print(f"{IDLE_WORKER_THRESHOLD}: {threshold}; {args.runs} runs")
+    print(f"{IDLE_WORKER_THRESHOLD}: {threshold}; {args.runs} runs; overrides {args.overrides or 'none'}")
     print(f"{'run':>4}{'wall s':>9}{'CPU s':>9}")
     for run, (wall, cpu) in enumerate(zip(walls, cpus)):
         print(f"{run:>4}{wall:>9.1f}{cpu:>9.1f}")

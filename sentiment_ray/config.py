@@ -322,9 +322,11 @@ class ScoreConfig:
     batches_in_flight: int = 2  # batches queued at each scoring actor, so the next one is there when it is free
     torch_threads: int | None = None  # default: the CPUs each actor reserves
     # The CPU stage that tokenizes (an autoscaling actor pool): None: as many actors as the cluster's CPUs left
-    # after the scoring actors and the read/write tasks.
+    # after the scoring actors and the read/write tasks. 0: Ray tasks instead of actors, each asking for
+    # num_cpus_per_prepare_actor; every worker process loads the tokenizer once and keeps it (small or CPU-only
+    # jobs: no actor to start, no CPU held between batches).
     prepare_actors: int | None = None
-    num_cpus_per_prepare_actor: float = 1.0
+    num_cpus_per_prepare_actor: float = 1.0  # per tokenizing actor (or task)
     io_cpus: float = 0.25  # per read task: light, so reads are never starved on a small node (writes reserve 0)
     model: ScoringModelConfig = field(default_factory=ScoringModelConfig)
     prompt: PromptSpec = field(default_factory=PromptSpec)  # used only for zero-shot; an adapter brings its own
@@ -337,8 +339,8 @@ class ScoreConfig:
         _positive("pool_size", self.pool_size)
         _positive("unit_rows", self.unit_rows)
         _positive("batches_in_flight", self.batches_in_flight)
-        if self.prepare_actors is not None:
-            _positive("prepare_actors", self.prepare_actors)
+        if self.prepare_actors is not None and self.prepare_actors < 0:
+            raise ConfigError(f"prepare_actors must be >= 0 (0: tokenize in Ray tasks), got {self.prepare_actors}")
         if self.io_cpus < 0 or self.num_cpus_per_prepare_actor < 0:
             raise ConfigError("io_cpus and num_cpus_per_prepare_actor must be >= 0")
         _resource_amounts("actor_resources", self.actor_resources)

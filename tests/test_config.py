@@ -138,3 +138,9 @@ def test_fp8_contradictions_are_config_errors(tmp_path, overrides, message):
         with pytest.raises(ConfigError, match=r"mistral7b_4bit_gpu\.yaml: model\.quantization=fp8 quantizes"):
             load_config(ScoreConfig, CONFIGS / "score" / "mistral7b_4bit_gpu.yaml",
                         ["input=x", "output=y", "model.quantization=fp8"])
+
+
+def test_prepare_actors_0_tokenizes_in_tasks_and_a_negative_count_is_refused():
+    assert load_config(ScoreConfig, None, ["input=x", "output=y", "prepare_actors=0"]).prepare_actors == 0
+    with pytest.raises(ConfigError, match=r"prepare_actors must be >= 0 \(0: tokenize in Ray tasks\), got -1"):
+        load_config(ScoreConfig, None, ["input=x", "output=y", "prepare_actors=-1"])

@@ -2,7 +2,7 @@
 
     work_units.py  the grain of commit, resume and retry: row ranges of the input files
     plan.py    inputs checked, work units, the plan a resumed run must match
-    stages.py  read (work units) -> prepare (CPU: tokenize) -> score (GPU actors)
+    stages.py  read (work units) -> prepare (CPU actors or tasks: tokenize) -> score (GPU actors)
     sink.py    fragments with deterministic names; the check that every unit is there once
     output.py  the output folder: what may be done with it, fragments, what a resume has left to score
     progress.py  the driver's progress line: rows scored, rows/s, time left

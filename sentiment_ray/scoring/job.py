@@ -54,6 +54,7 @@ from sentiment_ray.scoring.stages import (
     ScoreStage,
     StageActivity,
     ledger_name,
+    prepare_in_task,
     run_ledger,
     unit_datasource,
 )
@@ -309,13 +310,18 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
     dataset = ray.data.read_datasource(unit_datasource(pending, spec, cfg.batch_size * 4, log_level),
                                        override_num_blocks=len(pending), num_cpus=cfg.io_cpus)
     prepare_actors, prepare_cpus = _prepare_pool(cfg, pool)
-    dataset = dataset.map_batches(
-        PrepareStage, fn_constructor_kwargs={**model_args, "fail_text": faults.fail_text},
-        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=prepare_cpus,
-        # Started at full size: grown by Ray Data's autoscaler from one actor, the pool was still adding tokenizers
-        # 10 s into a job whose scoring was paced by tokenizing (docs/BENCHMARKS.md §16). It may shrink to one
-        # where the cluster loses CPUs.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=prepare_actors, initial_size=prepare_actors))
+    prepare_args = {**model_args, "fail_text": faults.fail_text}
+    if cfg.prepare_actors == 0:  # tasks: each worker process keeps its tokenizer (stages.prepare_in_task)
+        dataset = dataset.map_batches(prepare_in_task, fn_kwargs=prepare_args, batch_size=cfg.batch_size,
+                                      batch_format="pyarrow", num_cpus=prepare_cpus)
+    else:
+        dataset = dataset.map_batches(
+            PrepareStage, fn_constructor_kwargs=prepare_args,
+            batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=prepare_cpus,
+            # Started at full size: grown by Ray Data's autoscaler from one actor, the pool was still adding
+            # tokenizers 10 s into a job whose scoring was paced by tokenizing (docs/BENCHMARKS.md §16). It may
+            # shrink to one where the cluster loses CPUs.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=prepare_actors, initial_size=prepare_actors))
     dataset = dataset.map_batches(
         ScoreStage, fn_constructor_kwargs={
             **model_args, "max_batch_tokens": cfg.max_batch_tokens,
@@ -370,7 +376,8 @@ def _raise_known_error(exc: Exception, watch: PipelineWatch) -> None:
 def _prepare_pool(cfg: ScoreConfig, scoring_actors: int) -> tuple[int, float]:
     """(largest size, CPUs per actor) of the CPU tokenizing pool: as set, else as many actors as the cluster's CPUs
     left after the scoring actors and the read/write tasks allow. On a small node that leaves less than a CPU,
-    the one actor gets what is left: asking for more would starve the read tasks, and the job would hang."""
+    the one actor gets what is left: asking for more would starve the read tasks, and the job would hang. With
+    prepare_actors 0 (tasks), size 0 and the CPUs each task asks for, shrunk the same way."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1)
@@ -378,9 +385,10 @@ def _prepare_pool(cfg: ScoreConfig, scoring_actors: int) -> tuple[int, float]:
     each = cfg.num_cpus_per_prepare_actor
     if cfg.prepare_actors:
         return cfg.prepare_actors, each
+    tasks = cfg.prepare_actors == 0  # (0, CPUs per task): Ray Data runs as many tasks as the CPUs left allow
     if left < each:
-        return 1, max(min(each, left), 0.1)
-    return max(1, int(left // max(each, 0.01))), each
+        return (0 if tasks else 1), max(min(each, left), 0.1)
+    return (0 if tasks else max(1, int(left // max(each, 0.01)))), each
 
 
 def score_requests(cfg: ScoreConfig) -> list[ResourceRequest]:

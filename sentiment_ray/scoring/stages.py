@@ -1,6 +1,6 @@
 """The stages of the scoring pipeline, each a Ray Data operator on the resources it needs.
 
-    read (CPU tasks)       prepare (CPU actors)          score (GPU actors)                  sink (CPU tasks)
+    read (CPU tasks)       prepare (CPU actors/tasks)    score (GPU actors)                  sink (CPU tasks)
     one task per unit  ->  clean, clip, tokenize by  ->  length-sorted forwards, the two  ->  fragments
     any pyarrow fs         the adapter's prompt;         label logits; several batches        (sink.py)
                            bad rows marked               in flight per actor
@@ -19,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import pyarrow as pa
@@ -165,6 +165,20 @@ class PrepareStage:
         if self.fail_text:
             out = out.append_column(FAULT_COLUMN, pa.array([t is not None and self.fail_text in t for t in texts]))
         return out
+
+
+def prepare_in_task(batch: pa.Table, **stage_args) -> pa.Table:
+    """The prepare stage as Ray tasks (`prepare_actors: 0`) rather than an actor pool: no tokenizing actor to
+    start and no CPU held between batches. Ray reuses its worker processes for tasks, so each process loads a
+    tokenizer once (on its first batch of a job) and keeps it for the next tasks, of this job and of later ones in
+    the same Ray (a notebook, a test session: the start of a tokenizing actor, ~5 CPU-seconds, once per worker
+    rather than once per run)."""
+    return _prepare_stage(json.dumps(stage_args, sort_keys=True))(batch)
+
+
+@lru_cache(maxsize=4)  # a worker that serves several jobs (adapters) keeps a few
+def _prepare_stage(stage_args: str) -> PrepareStage:
+    return PrepareStage(**json.loads(stage_args))
 
 
 # ------------------------------------------------------------------------------------------------ score

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def test_demo_end_to_end_small(ray_session, embedded_model, tmp_path, capsys):
     # embedded_model: SmolLM2 downloaded, checked and converted once for the test run (tests/conftest.py); the demo
     # finds it in its cache, as a second `make demo` does.
-    summary = run_demo(tmp_path / "demo", train_rows=16, eval_rows=24)
+    summary = run_demo(tmp_path / "demo", train_rows=16, eval_rows=12)
     captured = capsys.readouterr()
     out = captured.out
     assert "zero-shot" in out and "finetuned" in out
@@ -32,7 +32,7 @@ def test_demo_end_to_end_small(ray_session, embedded_model, tmp_path, capsys):
     for phase in ("zero_shot", "finetuned"):
         assert 0.0 <= summary[phase]["accuracy"] <= 1.0 and summary[phase]["rows_per_second"] > 0
     run_dir = tmp_path / "demo" / summary["run_dir"].split("/")[-1]
-    assert json.loads((run_dir / "summary.json").read_text())["eval_rows"] == 24
+    assert json.loads((run_dir / "summary.json").read_text())["eval_rows"] == 12
     assert (run_dir / "finetuned" / "metrics.json").exists() and (run_dir / "adapter" / "sentiment_ray.json").exists()
     # SmolLM2's real BPE: the label words are single tokens and the adapter recorded them.
     meta = json.loads((run_dir / "adapter" / "sentiment_ray.json").read_text())

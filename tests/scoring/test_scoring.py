@@ -56,7 +56,9 @@ def test_scores_every_row_exactly_once_with_two_actors(adapter_dir, reviews_dir,
     # The tiny model scores all 1,200 rows in about a second, before a second actor on 2 busy cores has loaded:
     # slowed batches give both actors work, as a real model's batches do.
     monkeypatch.setenv(SLOW_BATCH_SECONDS, "0.4")
-    summary = run_scoring(_config(adapter_dir, reviews_dir / "*.parquet", out, "keep_columns=[source]"))
+    # Two scoring actors and a pool of tokenizing actors (the tiny config has one and tokenizes in tasks).
+    summary = run_scoring(_config(adapter_dir, reviews_dir / "*.parquet", out, "keep_columns=[source]",
+                                  "pool_size=2", "prepare_actors=1", "num_cpus_per_prepare_actor=0.5"))
     table = pq.read_table(out)
     ids = table.column("id").to_pylist()
     assert summary.rows_in == summary.rows_out == table.num_rows == 1200
@@ -150,6 +152,36 @@ def test_the_job_with_packed_forwards_scores_as_the_eager_job(adapter_dir, revie
         scored[forward] = dict(zip(*pq.read_table(out, columns=["id", "score"]).to_pydict().values()))
     assert scored["packed"].keys() == scored["eager"].keys()
     assert [scored["packed"][i] for i in scored["eager"]] == pytest.approx(list(scored["eager"].values()), abs=1e-5)
+
+
+def test_tokenizing_in_tasks_scores_as_a_tokenizing_actor_and_starts_no_actor_for_it(adapter_dir, reviews_dir,
+                                                                                    tmp_path):
+    """`prepare_actors: 0` (the tiny config's) tokenizes in Ray tasks: the tokens, so the scores, of a pool of one
+    tokenizing actor, and the run starts its scoring actor only. Where the tasks ask for what a scoring actor asks
+    for, Ray Data fuses the two stages: the scoring actor tokenizes its own batches."""
+    from ray._private import state
+
+    def pool_actors() -> dict[str, str]:  # id -> name of every actor of a Ray Data actor pool, alive or ended
+        return {actor_id: actor["ActorClassName"] for actor_id, actor in state.actors().items()
+                if actor["ActorClassName"].startswith("MapWorker(")}
+
+    modes = {"tasks": [], "tasks-again": [], "fused": ["num_cpus_per_prepare_actor=1"],
+             "actor": ["prepare_actors=1", "num_cpus_per_prepare_actor=0.5"]}
+    scored, started = {}, {}
+    for mode, overrides in modes.items():
+        before, out = pool_actors(), tmp_path / mode
+        summary = run_scoring(_config(adapter_dir, reviews_dir / "part-1.parquet", out, *overrides))
+        assert summary.rows_in == summary.rows_out == 300 and summary.status_counts == {"ok": 300}
+        started[mode] = sorted(name for actor_id, name in pool_actors().items() if actor_id not in before)
+        scored[mode] = dict(zip(*pq.read_table(out, columns=["id", "score"]).to_pydict().values()))
+    scoring, tokenizing = "MapWorker(MapBatches(ScoreStage))", "MapWorker(MapBatches(PrepareStage))"
+    assert started == {"tasks": [scoring], "tasks-again": [scoring],
+                       "fused": ["MapWorker(MapBatches(prepare_in_task)->MapBatches(ScoreStage))"],
+                       "actor": [tokenizing, scoring]}
+    for mode in modes:
+        assert scored[mode].keys() == scored["tasks"].keys()
+        assert [scored[mode][i] for i in scored["tasks"]] == pytest.approx(list(scored["tasks"].values()),
+                                                                           abs=RESCORED_TOLERANCE)
 
 
 def test_labels_follow_the_adapters_stored_threshold_or_the_one_given(adapter_dir, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """What one tiny scoring run costs on a 2-core CPU machine, in wall and CPU seconds (issue 30): the tiny random
-model, 1,800 reviews in 3 files, `configs/score/tiny_test.yaml` (two scoring actors), on one local Ray of 3
-logical CPUs, several runs in a row as the tests make them.
+model, 1,800 reviews in 3 files, `configs/score/tiny_test.yaml` (with the overrides given: BENCHMARKS §20-21), on
+one local Ray of 3 logical CPUs, several runs in a row as the tests make them.
 
     python benchmarks/cpu_run_overhead.py --runs 3                       # Ray's defaults
     RAY_idle_worker_killing_time_threshold_ms=600000 python benchmarks/cpu_run_overhead.py --runs 3

@@ -344,10 +344,10 @@ def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(ra
     out = tmp_path / "scored"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sr-int-", dir="/tmp")
-    # 36 batches of 0.25 s on one actor: the run lasts ~8 s past its first fragment, so that Ctrl-C lands mid-run
+    # 36 batches of 0.4 s on one actor: the run lasts ~13 s past its first fragment, so that Ctrl-C lands mid-run
     # however late this busy machine lets the loop below see that fragment (unslowed, the rest took 4 s: a run
-    # once finished before the signal arrived).
-    env[SLOW_BATCH_SECONDS] = "0.25"
+    # once finished before the signal arrived; with 9 s left it failed once, in a run of three test processes).
+    env[SLOW_BATCH_SECONDS] = "0.4"
     process = subprocess.Popen(_score_command(random_adapter, reviews, out), env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO_ROOT,
                                preexec_fn=_as_a_terminal_starts_a_foreground_command)

@@ -311,7 +311,7 @@ def _run_pipeline(cfg: ScoreConfig, inputs: ScoreInputs, plan: ScorePlan, pendin
                                        override_num_blocks=len(pending), num_cpus=cfg.io_cpus)
     prepare_actors, prepare_cpus = _prepare_pool(cfg, pool)
     prepare_args = {**model_args, "fail_text": faults.fail_text}
-    if cfg.prepare_actors == 0:  # tasks: each worker process keeps its tokenizer (stages.prepare_in_task)
+    if prepare_actors == 0:  # tasks: each worker process keeps its tokenizer (stages.prepare_in_task)
         dataset = dataset.map_batches(prepare_in_task, fn_kwargs=prepare_args, batch_size=cfg.batch_size,
                                       batch_format="pyarrow", num_cpus=prepare_cpus)
     else:

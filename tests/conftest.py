@@ -26,31 +26,29 @@ RANDOM_ADAPTER_SPEC = PromptSpec(max_length=40)
 # `make test` hands whole files to two xdist processes, each taking the next file in the order below when it is
 # nearly done with its last. The longest files go first (longest-processing-time-first), so that the two
 # processes end close together rather than one starting a 2-minute file while the other has finished: the seconds
-# each file took in a full run of the working copy after 81ef746 (2 processes, 2 cores; from each file's first test
-# to its last; the two scoring cluster files estimated after they were made cheaper). Files not listed follow in
-# their collection order. Refresh the numbers when a file's time changes by a minute or more.
+# each file took in a full run of the working copy (2 processes, 2 cores; from each file's first test to its last;
+# session 6 of 2026-12-07, before the shared part-1 run of test_scoring.py). Files not listed follow in their
+# collection order. Refresh the numbers when a file's time changes by a minute or more.
 FILE_SECONDS = {
-    "tests/scoring/test_scoring_recovery.py": 268,
-    "tests/scoring/test_scoring_node_loss.py": 190,
+    "tests/scoring/test_scoring_recovery.py": 250,
+    "tests/scoring/test_scoring_node_loss.py": 214,
+    "tests/scoring/test_scoring.py": 185,
     "tests/training/test_train_node_loss.py": 165,
-    "tests/scoring/test_scoring_cluster.py": 150,
-    "tests/scoring/test_scoring.py": 140,
-    "tests/training/test_train_distributed.py": 119,
-    "tests/demo/test_demo.py": 114,
-    "tests/scoring/test_scoring_s3.py": 98,
-    "tests/test_job_submit.py": 92,
-    "tests/io/test_storage.py": 70,
-    "tests/training/test_train_checkpoints.py": 66,
-    "tests/model/test_scorer.py": 55,
-    "tests/ops/test_logging_setup.py": 43,
-    "tests/test_overwrite_matrix.py": 42,
-    "tests/training/test_train.py": 41,
+    "tests/training/test_train_distributed.py": 160,
+    "tests/demo/test_demo.py": 122,
+    "tests/scoring/test_scoring_s3.py": 119,
+    "tests/scoring/test_scoring_cluster.py": 102,
+    "tests/test_job_submit.py": 101,
+    "tests/training/test_train_checkpoints.py": 55,
+    "tests/io/test_storage.py": 43,
+    "tests/model/test_scorer.py": 37,
+    "tests/ops/test_logging_setup.py": 36,
     "tests/ops/test_metrics.py": 36,
-    "tests/model/test_fp8.py": 26,
-    "tests/model/test_compile_cache.py": 22,
-    "tests/model/test_packed_forward.py": 14,
-    "tests/test_predict.py": 13,
-    "tests/export/test_export.py": 10,
+    "tests/model/test_compile_cache.py": 32,
+    "tests/training/test_train.py": 28,
+    "tests/test_overwrite_matrix.py": 26,
+    "tests/model/test_fp8.py": 22,
+    "tests/export/test_export.py": 13,
 }
 
 
@@ -91,8 +89,15 @@ def pytest_collection_modifyitems(session, config, items):
 # - Ray Train's preemption watcher is off: an actor process per worker group (started again at each restart) that
 #   polls for nodes being drained, to log it; nothing of the project's reads it (a lost node is found by
 #   training/worker_room.py from the GCS), and its start-up is a process's imports on 2 busy cores.
+# - The log monitor looks for new log files every 0.5 s instead of every 0.1 s (it does so at 0.1 s until a Ray has
+#   1,000 log files, then backs off to LOG_NAME_UPDATE_INTERVAL_S): a new worker's output reaches the driver up to
+#   0.4 s later, and a whole-suite run's log monitors spent ~37 CPU-s globbing.
+# - Each node's agent samples its processes (psutil) every 60 s instead of every 5 s: the node stats of the
+#   dashboard, which no test reads (the jobs' own metrics, tests/ops/test_metrics.py, take another path); the
+#   session's agent spent ~38 CPU-s of a whole-suite run.
 TEST_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "600000", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+                "REPORTER_UPDATE_INTERVAL_MS": "60000"}
 
 
 @pytest.fixture(scope="session", autouse=True)

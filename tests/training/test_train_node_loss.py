@@ -128,9 +128,10 @@ def test_a_worker_node_lost_for_good_stops_the_run_within_the_wait_and_a_rerun_c
                                                       "losing 1 node(s) hold 1, short of 'trainer'; waited ")
     assert f"rerun with ray.run_name={RUN_NAME} and ray.storage_path=" in message
     assert int(re.search(r"waited (\d+) s", message).group(1)) >= WAIT_FOR_RESOURCES_S
-    # Bounded: the loss is seen within seconds, then the wait and at most one placement that times out (60 s);
-    # alone it stopped 11 s after the removal, beside the rest of the suite on 2 cores 113 s: the bound is there
-    # to tell "stops" from Ray Train's endless retries, not to time the stop
+    # Bounded: the loss is seen within seconds, then the wait, at most one placement that times out (60 s) and
+    # Ray Train's wait for the torch process group's shutdown (30 s; 5 s in tests: TEST_RAY_ENV); alone it stopped
+    # 11-16 s after the removal, beside the rest of the suite on 2 cores 40-113 s (before the 5 s): the bound is
+    # there to tell "stops" from Ray Train's endless retries, not to time the stop
     print(f"stopped {stopped['ended_at'] - result['killed_at']:.1f} s after the node's removal; first run "
           f"{result['first_run_s']:.1f} s, rerun {result['rerun_s']:.1f} s")
     assert stopped["ended_at"] - result["killed_at"] < WAIT_FOR_RESOURCES_S + 60 + 120

@@ -83,7 +83,9 @@ def main() -> None:
     if not command:
         parser.error("give the command to run after --")
 
-    baseline = {key: cpu for pid in os.listdir("/proc") if pid.isdigit() and (r := _read(pid)) for key, cpu, _ in [r]}
+    before: dict[str, dict] = {}
+    sample(before, {})
+    baseline = {key: entry["cpu"] for key, entry in before.items()}
     seen: dict[str, dict] = {}
     done = threading.Event()
 

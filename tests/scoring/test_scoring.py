@@ -17,7 +17,7 @@ from sentiment_ray.model.tiny import synthetic_reviews
 from sentiment_ray.ops.faults import SLOW_BATCH_SECONDS
 from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, run_scoring
 from sentiment_ray.scoring.manifest import ScoreManifest
-from tests.conftest import REPO_ROOT, RESCORED_TOLERANCE, write_reviews
+from tests.conftest import REPO_ROOT, RESCORED_TOLERANCE, assert_same_rows, write_reviews
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -171,16 +171,11 @@ def part_one_as_configured(adapter_dir, reviews_dir, tmp_path_factory) -> PartSc
     return _score_part_one(adapter_dir, reviews_dir, tmp_path_factory.mktemp("part-one") / "scored")
 
 
-def _assert_same_scores(actual: dict, expected: dict, tolerance: float) -> None:
-    assert actual.keys() == expected.keys()
-    assert [actual[i] for i in expected] == pytest.approx(list(expected.values()), abs=tolerance)
-
-
 def test_the_job_with_packed_forwards_scores_as_the_eager_job(adapter_dir, reviews_dir, part_one_as_configured,
                                                               tmp_path):
     """`forward: packed` through the whole job (config, scoring actor, sink): the eager job's rows and scores."""
     packed = _score_part_one(adapter_dir, reviews_dir, tmp_path / "packed", "forward=packed", "max_batch_tokens=512")
-    _assert_same_scores(packed.scores, part_one_as_configured.scores, 1e-5)
+    assert_same_rows(packed.scores, part_one_as_configured.scores, tolerance=1e-5)
 
 
 def test_tokenizing_in_tasks_scores_as_a_tokenizing_actor_and_starts_no_actor_for_it(adapter_dir, reviews_dir,
@@ -196,7 +191,7 @@ def test_tokenizing_in_tasks_scores_as_a_tokenizing_actor_and_starts_no_actor_fo
     assert fused.started == ["MapWorker(MapBatches(prepare_in_task)->MapBatches(ScoreStage))"]
     assert actor.started == ["MapWorker(MapBatches(PrepareStage))", "MapWorker(MapBatches(ScoreStage))"]
     for other in (fused, actor):
-        _assert_same_scores(other.scores, tasks.scores, RESCORED_TOLERANCE)
+        assert_same_rows(other.scores, tasks.scores)
 
 
 def test_labels_follow_the_adapters_stored_threshold_or_the_one_given(adapter_dir, tmp_path, capsys):

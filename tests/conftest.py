@@ -99,9 +99,23 @@ def pytest_collection_modifyitems(session, config, items):
 #   worker group: where a worker's node was lost (tests/training/test_train_node_loss.py) the wait ran to its end,
 #   and the run stopped 88 s after the node's removal beside another test file, 29 s with this (the workers are
 #   killed after the wait either way).
+# - Usage stats are off: Ray Data starts an actor process per Ray to collect them (~1.7 CPU-s of imports each) and
+#   the tests' Rays are not anyone's usage.
 TEST_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "600000", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
-                "REPORTER_UPDATE_INTERVAL_MS": "60000", "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}
+                "REPORTER_UPDATE_INTERVAL_MS": "60000", "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5",
+                "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _share_compiled_kernels(cache: Path, basetemp: Path) -> None:
+    """One torch.compile cache (sentiment_ray/model/forwards/compile_cache.py) for both xdist processes of a run:
+    the tiny model's compiled layers, built by whichever process compiles them first (~25 CPU-s cold on 2 cores,
+    ~1 s from the cache), are loaded by the other. Inductor writes its cache entries atomically, so two processes
+    may compile at once. The test of a cold cache (tests/model/test_compile_cache.py) uses a folder of its own."""
+    run_root = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # .../pytest-N
+    shared = run_root / "torch-compile-cache"
+    shared.mkdir(exist_ok=True)
+    (cache / "torch-compile").symlink_to(shared, target_is_directory=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -113,7 +127,10 @@ def isolated_environment(tmp_path_factory):
     saved["HF_HUB_OFFLINE"] = _HF_HUB_OFFLINE_BEFORE[0] if _HF_HUB_OFFLINE_BEFORE else os.environ.get("HF_HUB_OFFLINE")
     os.environ.update(TEST_RAY_ENV)
     os.environ["HOME"] = str(home)
-    os.environ.setdefault("SENTIMENT_RAY_CACHE", str(tmp_path_factory.mktemp("cache")))
+    if "SENTIMENT_RAY_CACHE" not in os.environ:
+        cache = tmp_path_factory.mktemp("cache")
+        os.environ["SENTIMENT_RAY_CACHE"] = str(cache)
+        _share_compiled_kernels(cache, tmp_path_factory.getbasetemp())
     os.environ["HF_HUB_OFFLINE"] = "1"  # also set in pytest_configure, before collection
     os.environ.pop("RAY_ADDRESS", None)
     yield
@@ -190,6 +207,16 @@ def ray_session(request):
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def on_the_session_ray(ray_session) -> tuple[dict, str]:
+    """The environment and `ray.address` of a command in its own process that joins the session's Ray, as a command
+    joins a running cluster: a Ray of its own would cost a start-up (GCS, raylet, agents, Ray Data's helper actors,
+    fresh workers: ~35 CPU-s on 2 cores) that is not what such tests are about (a driver's death, its Ctrl-C, its
+    log level, its memory). The fault settings reach the actors from the driver's environment
+    (sentiment_ray/ops/faults.py), whoever started the workers."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return env, ray_session.get_runtime_context().gcs_address
 
 
 @pytest.fixture

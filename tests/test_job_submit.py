@@ -35,6 +35,12 @@ def _free_ports(n):
     return ports
 
 
+def _accepts_connections(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     home = tmp_path / "home"
@@ -55,9 +61,18 @@ def ray_head(tmp_path):
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
-    while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+
+    def came_up(answers) -> bool:
         if head.poll() is not None or time.time() > deadline:
             pytest.fail(f"ray head did not come up:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
+        return answers()
+
+    # The dashboard's port first (a connect costs nothing; each `ray` command costs ~0.7 CPU-s of imports), then
+    # the job API through the CLI, as a user would.
+    while not came_up(lambda: _accepts_connections(dashboard)):
+        time.sleep(0.5)
+    while not came_up(lambda: subprocess.run([RAY, "job", "list", "--address", address], env=env,
+                                             capture_output=True).returncode == 0):
         time.sleep(2)
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)

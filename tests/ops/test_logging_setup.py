@@ -4,7 +4,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import uuid
 
 import pytest
@@ -18,7 +17,7 @@ from sentiment_ray.ops.logging_setup import (
     configure_worker_logging,
     level_from_env,
 )
-from tests.conftest import REPO_ROOT, write_reviews
+from tests.conftest import REPO_ROOT, on_the_session_ray, write_reviews
 
 INFO_LINE = "words (median"  # make_excerpt_set's INFO line: the excerpts' word counts
 DEBUG_LINE = "labeled reviews (columns"  # its DEBUG line: what it read
@@ -144,17 +143,16 @@ def test_a_worker_whose_root_logger_has_handlers_logs_through_them(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_scoring_actors_log_at_the_drivers_level(random_adapter, tmp_path):
-    """`score -v` in its own process with its own Ray: the scoring actors' debug lines reach the driver's output
-    (Ray forwards the workers' output), which they would not at the workers' default level (INFO)."""
+def test_scoring_actors_log_at_the_drivers_level(ray_session, random_adapter, tmp_path):
+    """`score -v` in its own process, joining the session's Ray as a command joins a cluster: the scoring actors'
+    debug lines reach the driver's output (Ray forwards its job's workers' output), which they would not at the
+    workers' default level (INFO)."""
     reviews = write_reviews(tmp_path / "in.parquet", ["good", "bad", "fine", "awful"], ids=["a", "b", "c", "d"])
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_TMPDIR": tempfile.mkdtemp(prefix="sr-log-", dir="/tmp")}
+    env, address = on_the_session_ray(ray_session)
     env.pop(LEVEL_ENV, None)
-    env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "sentiment_ray.cli", "score", "-v", "--config",
                str(REPO_ROOT / "configs" / "score" / "tiny_test.yaml"), "--adapter", str(random_adapter), "--input",
-               str(reviews), "--output", str(tmp_path / "out"), "model.dtype=float32", "ray.address=local",
-               "ray.num_cpus=3"]
+               str(reviews), "--output", str(tmp_path / "out"), "model.dtype=float32", f"ray.address={address}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280, check=False, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr

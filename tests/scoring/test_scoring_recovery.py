@@ -25,7 +25,7 @@ from sentiment_ray.ops.faults import EXIT_AFTER_BATCHES, FAIL_TEXT, MARKER, SLOW
 from sentiment_ray.scoring import MANIFEST_FILE, PLAN_FILE, job, run_scoring
 from sentiment_ray.scoring.output import Fragment, tile
 from sentiment_ray.scoring.plan import ScorePlan
-from tests.conftest import REPO_ROOT, assert_same_rows, write_reviews
+from tests.conftest import REPO_ROOT, assert_same_rows, on_the_session_ray, write_reviews
 
 pytestmark = pytest.mark.timeout(300)
 ROWS_PER_FILE = 600
@@ -143,16 +143,7 @@ def _score_command(adapter, reviews, out, *extra, address="local"):
     return [sys.executable, "-m", "sentiment_ray.cli", "score", "--config",
             str(REPO_ROOT / "configs" / "score" / "tiny_test.yaml"), "--adapter", str(adapter), "--input",
             str(reviews), "--output", str(out), "model.dtype=float32", "unit_rows=256", f"ray.address={address}",
-            "ray.num_cpus=3", *extra]
-
-
-def _command_on_the_session_ray(ray_session) -> tuple[dict, str]:
-    """The environment and `ray.address` of a `score` command in its own process that joins the session's Ray, as
-    a command joins a running cluster: its own Ray would cost a start-up (GCS, raylet, agents, fresh workers: ~35
-    CPU-s on 2 cores), and what is tested (the driver's death, its Ctrl-C) is the driver's. The fault settings
-    reach the actors from the driver's environment (sentiment_ray/ops/faults.py), whoever started the workers."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return env, ray_session.get_runtime_context().gcs_address
+            *(["ray.num_cpus=3"] if address == "local" else []), *extra]  # a Ray joined has its CPUs
 
 
 def _score_in_process(adapter, reviews, out, *extra) -> int:
@@ -168,7 +159,7 @@ def test_driver_killed_then_resumed_gives_every_row_once_with_the_same_scores(
     """The real thing: the `score` command in its own process (a driver of the session's Ray, as on a cluster) is
     SIGKILLed after a few units are committed, then rerun with --resume."""
     out = tmp_path / "scored"
-    env, address = _command_on_the_session_ray(ray_session)
+    env, address = on_the_session_ray(ray_session)
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(_score_command(random_adapter, reviews, out, address=address), env=env, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
@@ -349,7 +340,7 @@ def _as_a_terminal_starts_a_foreground_command() -> None:
 def test_ctrl_c_ends_score_with_one_line_exit_130_and_the_work_can_be_resumed(ray_session, random_adapter, reviews,
                                                                            reference, tmp_path, capsys):
     out = tmp_path / "scored"
-    env, address = _command_on_the_session_ray(ray_session)
+    env, address = on_the_session_ray(ray_session)
     # 36 batches of 0.4 s on one actor: the run lasts ~13 s past its first fragment, so that Ctrl-C lands mid-run
     # however late this busy machine lets the loop below see that fragment (unslowed, the rest took 4 s: a run
     # once finished before the signal arrived; with 9 s left it failed once, in a run of three test processes).

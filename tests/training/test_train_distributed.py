@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from sentiment_ray.model.tiny import synthetic_reviews
 from sentiment_ray.ops.faults import MARKER, TRAIN_EXIT_AT_STEP
 from sentiment_ray.training.data import WorkerBatchSampler, WorkerShare, load_rows, scan_training_data
 from sentiment_ray.training.job import run_finetune
-from tests.conftest import REPO_ROOT, write_reviews
+from tests.conftest import REPO_ROOT, on_the_session_ray, write_reviews
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -204,11 +203,11 @@ import ray
 from sentiment_ray.config import FinetuneConfig, load_config
 from sentiment_ray.training.data import worker_datasets
 from sentiment_ray.training.job import check_before_training
-ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[2], log_to_driver=False)
+ray.init(address=sys.argv[2], log_to_driver=False)  # the test session's Ray
 peaks = []
-for train_file in sys.argv[4:]:
+for train_file in sys.argv[5:]:
     cfg = load_config(FinetuneConfig, sys.argv[3], [f"model.name_or_path={sys.argv[1]}", f"data.train={train_file}",
-        f"output_dir={sys.argv[2]}/adapter-{len(peaks)}", "data.limit=null", "ray.num_workers=2"])
+        f"output_dir={sys.argv[4]}/adapter-{len(peaks)}", "data.limit=null", "ray.num_workers=2"])
     plan = check_before_training(cfg)
     datasets = worker_datasets(plan.training, plan.cfg)
     assert plan.data_info["rows"] > 0 and len(datasets) == 2
@@ -238,24 +237,23 @@ def _synthetic_parquet(path: Path, rows: int) -> Path:
     return path
 
 
-def _driver_peak_rss(tiny_model_dir, train_files: list[Path]) -> list[int]:
-    """The driver's peak RSS after finetuning on each file in turn, in one process and one Ray: a driver that
-    held the rows would peak higher after a larger file (ru_maxrss only grows)."""
-    ray_tmp = Path(f"/tmp/sr-rss-{os.getpid()}")  # short: Ray's socket paths
-    ray_tmp.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tiny_model_dir), str(ray_tmp),
-                           str(REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml"), *map(str, train_files)],
-                          env=env, capture_output=True, text=True, timeout=600)
+def _driver_peak_rss(ray_session, tiny_model_dir, train_files: list[Path], work: Path) -> list[int]:
+    """The driver's peak RSS after finetuning on each file in turn, in one process (joining the session's Ray):
+    a driver that held the rows would peak higher after a larger file (ru_maxrss only grows)."""
+    env, address = on_the_session_ray(ray_session)
+    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tiny_model_dir), address,
+                           str(REPO_ROOT / "configs" / "finetune" / "tiny_test.yaml"), str(work),
+                           *map(str, train_files)], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RSS "))
-    subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
     return json.loads(line[4:])
 
 
-def test_the_driver_memory_does_not_grow_with_the_training_rows(tiny_model_dir, tmp_path):
-    small, large = _driver_peak_rss(tiny_model_dir, [_synthetic_parquet(tmp_path / "rows20k.parquet", 20_000),
-                                                     _synthetic_parquet(tmp_path / "rows200k.parquet", 200_000)])
+def test_the_driver_memory_does_not_grow_with_the_training_rows(ray_session, tiny_model_dir, tmp_path):
+    small, large = _driver_peak_rss(ray_session, tiny_model_dir,
+                                    [_synthetic_parquet(tmp_path / "rows20k.parquet", 20_000),
+                                     _synthetic_parquet(tmp_path / "rows200k.parquet", 200_000)], tmp_path)
     mb = 2**20
     print(f"driver peak RSS: after 20k rows {small / mb:.0f} MB, after 200k rows {large / mb:.0f} MB "
           f"(200k rows of text: ~{200_000 * 250 / mb:.0f} MB)")

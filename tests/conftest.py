@@ -109,9 +109,10 @@ TEST_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "600000", "RAY_TRAI
 
 def _share_compiled_kernels(cache: Path, basetemp: Path) -> None:
     """One torch.compile cache (sentiment_ray/model/forwards/compile_cache.py) for both xdist processes of a run:
-    the tiny model's compiled layers, built by whichever process compiles them first (~25 CPU-s cold on 2 cores,
-    ~1 s from the cache), are loaded by the other. Inductor writes its cache entries atomically, so two processes
-    may compile at once. The test of a cold cache (tests/model/test_compile_cache.py) uses a folder of its own."""
+    what one process compiled for the tiny model (graphs and C++ kernels), the other loads (the compiled-packed
+    test: 29 CPU-s on an empty cache, 19 after the compiled test's kernels were cached; docs/BENCHMARKS.md §23).
+    Inductor writes its cache entries atomically, so two processes may compile at once. The test of a cold cache
+    (tests/model/test_compile_cache.py) uses a folder of its own."""
     run_root = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # .../pytest-N
     shared = run_root / "torch-compile-cache"
     shared.mkdir(exist_ok=True)

@@ -41,6 +41,13 @@ def _accepts_connections(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _wait_for_head(head: subprocess.Popen, deadline: float, log: Path, ready, every_s: float) -> None:
+    while not ready():
+        if head.poll() is not None or time.time() > deadline:
+            pytest.fail(f"ray head did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(every_s)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     home = tmp_path / "home"
@@ -60,20 +67,12 @@ def ray_head(tmp_path):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-
-    def came_up(answers) -> bool:
-        if head.poll() is not None or time.time() > deadline:
-            pytest.fail(f"ray head did not come up:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
-        return answers()
-
     # The dashboard's port first (a connect costs nothing; each `ray` command costs ~0.7 CPU-s of imports), then
     # the job API through the CLI, as a user would.
-    while not came_up(lambda: _accepts_connections(dashboard)):
-        time.sleep(0.5)
-    while not came_up(lambda: subprocess.run([RAY, "job", "list", "--address", address], env=env,
-                                             capture_output=True).returncode == 0):
-        time.sleep(2)
+    deadline = time.time() + 120
+    _wait_for_head(head, deadline, tmp_path / "head.log", lambda: _accepts_connections(dashboard), every_s=0.5)
+    _wait_for_head(head, deadline, tmp_path / "head.log", every_s=2, ready=lambda: subprocess.run(
+        [RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0)
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:  # Ray's graceful stop takes half a minute; this head's jobs are done and its folder goes with it

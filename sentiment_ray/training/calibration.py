@@ -142,8 +142,8 @@ def _fitted_inverse_temperature(margins: np.ndarray, labels: np.ndarray) -> floa
     +margin for negatives. That is convex in beta (a mean of softplus of lines), so its derivative
     mean(a * sigmoid(beta * a)) only rises, and bisecting on the derivative's sign finds the minimum to float
     precision. Why not scipy's minimize_scalar: with scipy installed, transformers imports scipy.optimize in every
-    process that loads a model class (its object-detection losses), ~0.25 s in each scoring actor and training
-    worker, for this one search."""
+    process that loads a model class (its object-detection losses): ~0.5 CPU-s in each scoring actor and training
+    worker for this one search (docs/BENCHMARKS.md §23)."""
     signed = np.where(labels == 1, -margins, margins)
     low, high = 1.0 / TEMPERATURE_BOUNDS[1], 1.0 / TEMPERATURE_BOUNDS[0]
 

@@ -107,14 +107,18 @@ TEST_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "600000", "RAY_TRAI
                 "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def _run_root(basetemp: Path) -> Path:
+    """The folder of the whole test run (.../pytest-N), shared by its xdist processes (each has a basetemp below it)."""
+    return basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+
+
 def _share_compiled_kernels(cache: Path, basetemp: Path) -> None:
     """One torch.compile cache (sentiment_ray/model/forwards/compile_cache.py) for both xdist processes of a run:
     what one process compiled for the tiny model (graphs and C++ kernels), the other loads (the compiled-packed
     test: 29 CPU-s on an empty cache, 19 after the compiled test's kernels were cached; docs/BENCHMARKS.md §23).
     Inductor writes its cache entries atomically, so two processes may compile at once. The test of a cold cache
     (tests/model/test_compile_cache.py) uses a folder of its own."""
-    run_root = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # .../pytest-N
-    shared = run_root / "torch-compile-cache"
+    shared = _run_root(basetemp) / "torch-compile-cache"
     shared.mkdir(exist_ok=True)
     (cache / "torch-compile").symlink_to(shared, target_is_directory=True)
 
@@ -161,7 +165,7 @@ def embedded_model(tmp_path_factory) -> Path:
     basetemp = tmp_path_factory.getbasetemp()
     if not cache_dir().is_relative_to(basetemp):
         return prepare_embedded_model()
-    run_root = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # .../pytest-N
+    run_root = _run_root(basetemp)
     shared = run_root / "embedded-model-cache"
     shared.mkdir(exist_ok=True)
     with open(run_root / "embedded-model-cache.lock", "w") as lock:
